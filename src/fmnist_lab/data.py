@@ -1,0 +1,228 @@
+"""FashionMNIST: find and validate the IDX files, split them, and serve batches.
+
+Two backends serve the same batches (float32 images in [0, 1] shaped [B, 1, 28, 28], int64 labels):
+- ``device``: every split is one tensor on the training device; an epoch is a seeded permutation sliced
+  into batches. No per-sample Python work, no host-to-device copies per step.
+- ``dataloader``: a torchvision dataset with transforms behind a torch DataLoader, for augmentation.
+
+Normalization is not done here: it lives inside the model, so checkpoints and exports take raw pixels.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+from torchvision.datasets import VisionDataset
+
+DEBIAN_ROOT = Path("/usr/share/datasets/fashion-mnist")
+CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+           "Ankle boot")
+FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+TRAIN_SIZE, TEST_SIZE = 60_000, 10_000
+IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
+HOW_TO_GET = (
+    "Get the data set with `make data` (installs Debian's `dataset-fashion-mnist` package into "
+    f"{DEBIAN_ROOT}), or `apt-get install dataset-fashion-mnist`, or copy the four IDX files "
+    "(.gz or raw) into a folder and pass `data.root=<folder>`, or, when online, add `data.download=true`."
+)
+
+
+class DataError(RuntimeError):
+    """The data set is missing or its files are not valid FashionMNIST IDX files."""
+
+
+def default_root() -> Path:
+    return DEBIAN_ROOT if DEBIAN_ROOT.is_dir() else Path("data")
+
+
+def find_file(root: Path, stem: str) -> Path:
+    """The file `stem` (raw or .gz) in `root` or in torchvision's download layout below it."""
+    candidates = [folder / name for folder in (root, root / "FashionMNIST" / "raw") for name in (stem + ".gz", stem)]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise DataError(f"FashionMNIST file `{stem}[.gz]` not found in data.root={root} (looked for "
+                    f"{', '.join(str(c) for c in candidates)}). {HOW_TO_GET}")
+
+
+def read_idx(path: Path, magic: int) -> torch.Tensor:
+    """Read one IDX file (raw or gzip) into a uint8 tensor, checking magic number and size."""
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as err:  # truncated or corrupt archive
+        raise DataError(f"Cannot read {path}: {err}. The file is damaged; replace it. {HOW_TO_GET}") from err
+    if len(raw) < 8:
+        raise DataError(f"{path} is too short to be an IDX file ({len(raw)} bytes). {HOW_TO_GET}")
+    found, count = struct.unpack(">II", raw[:8])
+    if found != magic:
+        raise DataError(f"{path} has magic number {found}, expected {magic} for an IDX "
+                        f"{'image' if magic == IMAGE_MAGIC else 'label'} file. Is it the right file?")
+    dims = (count,)
+    if magic == IMAGE_MAGIC:
+        if len(raw) < 16:
+            raise DataError(f"{path} is truncated: its header is incomplete. {HOW_TO_GET}")
+        rows, cols = struct.unpack(">II", raw[8:16])
+        if (rows, cols) != (28, 28):
+            raise DataError(f"{path} holds {rows}x{cols} images; FashionMNIST images are 28x28.")
+        dims = (count, 28, 28)
+    header = 4 + 4 * len(dims)
+    expected = header + count * (784 if magic == IMAGE_MAGIC else 1)
+    if len(raw) != expected:
+        raise DataError(f"{path} has {len(raw)} bytes, but its header promises {count} items "
+                        f"({expected} bytes): the file is truncated or corrupt. {HOW_TO_GET}")
+    return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(dims)
+
+
+def load_split(root: Path, split: str, expected_count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images uint8 [N, 28, 28] and labels int64 [N] of the `train` or `test` split, validated."""
+    image_file, label_file = (find_file(root, stem) for stem in FILES[split])
+    images, labels = read_idx(image_file, IMAGE_MAGIC), read_idx(label_file, LABEL_MAGIC)
+    if len(images) != len(labels):
+        raise DataError(f"{image_file} holds {len(images)} images but {label_file} holds {len(labels)} "
+                        "labels: the two files do not belong together.")
+    if expected_count is not None and len(images) != expected_count:
+        raise DataError(f"{image_file} holds {len(images)} images; the official {split} split has "
+                        f"{expected_count}. Point data.root at the complete data set.")
+    if len(labels) and int(labels.max()) > 9:
+        raise DataError(f"{label_file} contains label {int(labels.max())}; FashionMNIST labels are 0-9.")
+    return images, labels.long()
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, 28, 28] -> float32 [N, 1, 28, 28] in [0, 1], exactly what torchvision's ToTensor gives."""
+    return images.unsqueeze(1).float().div_(255)
+
+
+class DeviceBatches:
+    """Batches sliced from tensors that already live on the training device.
+
+    Each pass draws a new permutation from a generator seeded with (seed, epoch), so an epoch's order
+    depends only on the seed and the epoch number: a resumed run sees the same batches.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool = False,
+                 drop_last: bool = False, seed: int = 0) -> None:
+        self.images, self.labels = images, labels
+        self.batch_size, self.shuffle, self.drop_last, self.seed = batch_size, shuffle, drop_last, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    batch_sampler = None  # Lightning inspects it next to `sampler`
+
+    @property
+    def sampler(self) -> DeviceBatches:
+        # Lightning calls `loader.sampler.set_epoch(epoch)` before every epoch (as for a DistributedSampler);
+        # answering it keeps the epoch order right after a resume.
+        return self
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        images, labels = self.images, self.labels
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(len(labels), generator=generator).to(labels.device)
+            images, labels = images[order], labels[order]  # one gather per epoch, then views
+            self.epoch += 1
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            yield images[start:start + self.batch_size], labels[start:start + self.batch_size]
+
+
+class FashionMNISTImages(VisionDataset):
+    """torchvision dataset over validated tensors: PIL image -> transforms, as torchvision's MNIST does."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform=None) -> None:
+        super().__init__(root=None, transform=transform)
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        image = Image.fromarray(self.images[index].numpy(), mode="L")
+        return (self.transform(image) if self.transform else image), int(self.labels[index])
+
+
+class FashionMNISTDataModule(pl.LightningDataModule):
+    """Official 60k train / 10k test; `val_size` images of train held out with a seeded split."""
+
+    def __init__(self, root: str | None = None, batch_size: int = 128, val_size: int = 5000,
+                 backend: str = "device", seed: int = 42, download: bool = False, num_workers: int = 0,
+                 pin_memory: bool = False, eval_batch_size: int = 1000, drop_last: bool = False,
+                 augment: Sequence | None = None) -> None:
+        super().__init__()
+        if backend not in ("device", "dataloader"):
+            raise ValueError(f"data.backend={backend!r} is not a backend; use `device` or `dataloader`.")
+        self.root = Path(root) if root else default_root()
+        self.batch_size, self.eval_batch_size, self.val_size = batch_size, eval_batch_size, val_size
+        self.backend, self.seed, self.download, self.drop_last = backend, seed, download, drop_last
+        self.num_workers, self.pin_memory, self.augment = num_workers, pin_memory, list(augment or [])
+        self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def prepare_data(self) -> None:
+        if self.download:
+            try:
+                find_file(self.root, FILES["test"][1])
+            except DataError:
+                from torchvision.datasets import FashionMNIST
+
+                FashionMNIST(str(self.root), train=True, download=True)
+                FashionMNIST(str(self.root), train=False, download=True)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        if not 0 < self.val_size < TRAIN_SIZE:
+            raise ValueError(f"data.val_size={self.val_size} must be between 1 and {TRAIN_SIZE - 1}.")
+        images, labels = load_split(self.root, "train", TRAIN_SIZE)
+        # The split is seeded on its own, so it is the same whatever else consumed random numbers.
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
+        val_idx, train_idx = order[: self.val_size], order[self.val_size:]
+        self.splits = {
+            "train": (images[train_idx], labels[train_idx]),
+            "val": (images[val_idx], labels[val_idx]),
+            "test": load_split(self.root, "test", TEST_SIZE),
+        }
+        if self.backend == "device":
+            device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
+            self.splits = {k: (to_float(x).to(device), y.to(device)) for k, (x, y) in self.splits.items()}
+
+    def _loader(self, split: str, train: bool):
+        images, labels = self.splits[split]
+        batch_size = self.batch_size if train else self.eval_batch_size
+        # overfit_batches means "the same few batches every epoch": no shuffling then.
+        shuffle = train and not (self.trainer and self.trainer.overfit_batches)
+        if self.backend == "device":
+            return DeviceBatches(images, labels, batch_size, shuffle=shuffle,
+                                 drop_last=train and self.drop_last, seed=self.seed)
+        from torchvision import transforms
+
+        transform = transforms.Compose([*(self.augment if train else []), transforms.ToTensor()])
+        return DataLoader(FashionMNISTImages(images, labels, transform), batch_size=batch_size,
+                          shuffle=shuffle, drop_last=train and self.drop_last, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
+                          generator=torch.Generator().manual_seed(self.seed) if shuffle else None)
+
+    def train_dataloader(self):
+        return self._loader("train", train=True)
+
+    def val_dataloader(self):
+        return self._loader("val", train=False)
+
+    def test_dataloader(self):
+        return self._loader("test", train=False)

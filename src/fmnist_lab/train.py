@@ -1,0 +1,105 @@
+"""One training job: seed, build from the config, fit, test the best checkpoint, write metrics.json."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks.progress import ProgressBar
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+
+import fmnist_lab
+from fmnist_lab.model import Classifier
+
+
+def plain(node: Any) -> Any:
+    """A resolved plain container: what goes into checkpoints and logs (never a DictConfig)."""
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write through a temporary file and rename, so a kill never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def quiet_lightning() -> None:
+    """Lightning's log lines go through Hydra's handlers (console + the run's log file) once, minus ads."""
+    logging.getLogger("lightning").handlers.clear()  # its own console handler doubles every line under Hydra
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "Tip:" not in r.getMessage())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning-internal
+
+
+def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, Classifier, pl.Trainer]:
+    datamodule = instantiate(cfg.data)
+    model = Classifier(net=plain(cfg.model), optimizer=plain(cfg.optimizer), scheduler=plain(cfg.scheduler) or None,
+                       num_classes=cfg.model.get("num_classes", 10),
+                       log_every_n_steps=cfg.trainer.get("log_every_n_steps", 50))
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                          enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
+                          enable_model_summary=False)
+    return datamodule, model, trainer
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one job and return its metrics (also written to `<run dir>/metrics.json`)."""
+    out = Path(cfg.paths.output_dir)  # Hydra's run dir; we never chdir into it
+    out.mkdir(parents=True, exist_ok=True)
+    quiet_lightning()
+    if cfg.seed is not None:  # `if cfg.seed` would silently drop seed=0
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule, model, trainer = build(cfg)
+
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule)
+    train_seconds = time.perf_counter() - start
+
+    checkpoint = trainer.checkpoint_callback
+    best = checkpoint.best_model_path if isinstance(checkpoint, ModelCheckpoint) else ""
+    # The test set is touched once, after training, by the checkpoint with the best validation accuracy.
+    (test,) = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+
+    metrics = {
+        "test/acc": test["test/acc"],
+        "test/loss": test["test/loss"],
+        "val/acc_best": float(model.val_acc_best.compute()) if model.val_acc_best.update_called else None,
+        "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "train_seconds": round(train_seconds, 3),
+        "best_checkpoint": best or None,
+        "seed": cfg.seed,
+        "device": str(trainer.strategy.root_device),
+        "versions": {"fmnist_lab": fmnist_lab.__version__, "torch": torch.__version__, "lightning": pl.__version__,
+                     "python": platform.python_version()},
+    }
+    hparams = {k: v for k, v in plain(cfg).items() if k not in ("paths", "hydra")}
+    for logger in trainer.loggers:
+        logger.log_hyperparams(hparams, {k: metrics[k] for k in ("test/acc", "test/loss", "val/acc_best")
+                                         if metrics[k] is not None})
+        logger.finalize("success")
+    write_json(out / "metrics.json", metrics)
+    report(out, metrics, tensorboard=any("tensorboard" in type(lg).__name__.lower() for lg in trainer.loggers))
+    return metrics
+
+
+def report(out: Path, metrics: dict, tensorboard: bool) -> None:
+    console = Console(highlight=False)
+    console.print(f"[bold]test/acc {metrics['test/acc']:.4f}[/]  test/loss {metrics['test/loss']:.4f}  "
+                  f"({metrics['epochs']} epochs, {metrics['train_seconds']:.1f} s training on {metrics['device']})")
+    console.print(f"artifacts: {out}  (metrics.json, checkpoints/)")
+    if tensorboard:
+        console.print(f"curves:    tensorboard --logdir {out / 'tensorboard'}")

@@ -1,0 +1,60 @@
+"""Shared fixtures: synthetic IDX files in the official layout, the real data set, config composition."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from fmnist_lab.__main__ import config_dir
+from fmnist_lab.data import DEBIAN_ROOT, FILES, IMAGE_MAGIC, LABEL_MAGIC
+
+REAL_ROOT = DEBIAN_ROOT
+
+
+def idx_bytes(data: torch.Tensor, magic: int) -> bytes:
+    return struct.pack(f">I{data.dim()}I", magic, *data.shape) + data.numpy().tobytes()
+
+
+def write_idx(path: Path, data: torch.Tensor, magic: int) -> Path:
+    raw = idx_bytes(data, magic)
+    path.write_bytes(gzip.compress(raw, compresslevel=1) if path.suffix == ".gz" else raw)
+    return path
+
+
+def synthetic_split(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Learnable fake images: class c lights up rows 2c..2c+3 on top of noise."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 10, (count,), generator=g, dtype=torch.uint8)
+    images = torch.randint(0, 60, (count, 28, 28), generator=g, dtype=torch.uint8)
+    rows = (2 * labels.long()).unsqueeze(1) + torch.arange(4)  # [N, 4]
+    images[torch.arange(count).unsqueeze(1), rows + 4] = 220
+    return images, labels
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """A data root with full-size (60k/10k) synthetic files: raw train files, gzipped test files."""
+    root = tmp_path_factory.mktemp("synthetic_fmnist")
+    for split, count, suffix in (("train", 60_000, ""), ("test", 10_000, ".gz")):
+        images, labels = synthetic_split(count, seed=len(split))
+        write_idx(root / (FILES[split][0] + suffix), images, IMAGE_MAGIC)
+        write_idx(root / (FILES[split][1] + suffix), labels, LABEL_MAGIC)
+    return root
+
+
+@pytest.fixture(scope="session")
+def real_root() -> Path:
+    if not (REAL_ROOT / "t10k-labels-idx1-ubyte.gz").is_file():
+        pytest.fail(f"The real FashionMNIST files are missing from {REAL_ROOT}: run `make data`.")
+    return REAL_ROOT
+
+
+def compose_cfg(*overrides: str, output_dir: Path | str = "unused"):
+    """The config `python -m fmnist_lab <overrides>` would run, with the run dir set to `output_dir`."""
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose("train", overrides=[f"paths.output_dir={output_dir}", *overrides])

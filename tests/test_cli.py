@@ -1,0 +1,74 @@
+"""The real CLI on the real data set, run the way a user runs it: a subprocess in another directory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+
+def run_cli(cwd, *overrides, timeout=600):
+    result = subprocess.run([sys.executable, "-m", "fmnist_lab", *overrides], cwd=cwd, capture_output=True,
+                            text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def only_run_dir(root):
+    (run,) = [p for p in (root / "outputs").glob("*/*") if p.is_dir()]
+    return run
+
+
+@pytest.mark.slow
+def test_one_epoch_on_real_data_writes_the_whole_contract(real_root, tmp_path):
+    result = run_cli(tmp_path, "epochs=1", "device=cpu")
+    run = only_run_dir(tmp_path)
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test/acc"] >= 0.80
+    assert metrics["epochs"] == 1 and metrics["seed"] == 42 and metrics["device"] == "cpu"
+    assert 0 < metrics["train_seconds"] < 600 and metrics["val/acc_best"] >= 0.80
+    assert f"test/acc {metrics['test/acc']:.4f}" in result.stdout and "tensorboard --logdir" in result.stdout
+
+    for name in ("best.ckpt", "last.ckpt"):
+        checkpoint = torch.load(run / "checkpoints" / name, weights_only=True)
+        assert checkpoint["hyper_parameters"]["net"]["hidden"] == [512, 512]
+    assert metrics["best_checkpoint"] == str(run / "checkpoints" / "best.ckpt")
+    assert (run / ".hydra" / "config.yaml").is_file() and (run / ".hydra" / "overrides.yaml").is_file()
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "val/loss", "val/acc", "test/loss", "test/acc", "train/lr"} <= scalars
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert steps == list(range(50, 430 + 1, 50))  # 55,000 / 128 = 430 steps, logged every 50
+    assert events.Scalars("test/acc")[-1].value == pytest.approx(metrics["test/acc"])
+
+
+@pytest.mark.slow
+def test_seed_zero_and_data_root_are_honoured(real_root, tmp_path):
+    """seed=0 is a real seed (two runs agree); data.root points at a copy of the files elsewhere."""
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in real_root.glob("*.gz"):
+        (copy / f.name).write_bytes(f.read_bytes())
+    runs = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        run_cli(tmp_path / name, "seed=0", f"data.root={copy}", "debug=limit", "epochs=1", "device=cpu",
+                "logger=none")
+        runs.append(json.loads((only_run_dir(tmp_path / name) / "metrics.json").read_text()))
+    assert runs[0]["seed"] == 0 and runs[0]["test/acc"] == runs[1]["test/acc"]
+    assert runs[0]["test/loss"] == runs[1]["test/loss"]
+
+
+def test_missing_data_is_one_clear_error(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "fmnist_lab", f"data.root={tmp_path}", "device=cpu"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert f"data.root={tmp_path}" in result.stderr and "make data" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout

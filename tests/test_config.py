@@ -1,0 +1,76 @@
+"""Every config group option composes and builds; the short top-level keys reach the groups."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from conftest import compose_cfg
+from fmnist_lab.__main__ import config_dir
+from fmnist_lab.train import build
+
+GROUPS = sorted(p.name for p in Path(config_dir()).iterdir() if p.is_dir())
+OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((Path(config_dir()) / g).glob("*.yaml"))]
+
+
+def test_every_group_has_options():
+    assert {"data", "model", "optimizer", "scheduler", "trainer", "logger", "callbacks", "experiment",
+            "debug"} <= set(GROUPS)
+    expected = {"optimizer": ["sgd", "adam", "adamw"], "scheduler": ["none", "cosine", "step"],
+                "logger": ["tensorboard", "csv", "none"], "callbacks": ["default", "none"],
+                "debug": ["fast_dev_run", "overfit", "limit"], "experiment": ["seed_tutorial"]}
+    assert {(g, o) for g, options in expected.items() for o in options} <= set(OPTIONS)
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_option_composes_and_builds(group, option, tmp_path):
+    cfg = compose_cfg(f"{group}={option}", "device=cpu", output_dir=tmp_path)
+    datamodule, model, trainer = build(cfg)
+    assert type(datamodule).__name__ == "FashionMNISTDataModule"
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    optimizer = model.configure_optimizers()
+    assert isinstance(optimizer if isinstance(optimizer, torch.optim.Optimizer) else optimizer["optimizer"],
+                      torch.optim.Optimizer)
+    assert trainer.max_epochs == cfg.epochs or cfg.trainer.get("fast_dev_run")
+
+
+def test_short_keys_reach_the_groups(tmp_path):
+    cfg = compose_cfg("epochs=3", "lr=0.2", "batch_size=32", "seed=0", "device=cpu", output_dir=tmp_path)
+    datamodule, model, trainer = build(cfg)
+    assert (datamodule.batch_size, datamodule.seed) == (32, 0)  # seed=0 is a seed, not "no seed"
+    assert model.configure_optimizers().defaults["lr"] == 0.2
+    assert trainer.max_epochs == 3 and trainer.accelerator.__class__.__name__ == "CPUAccelerator"
+
+
+def test_default_run_writes_best_and_last_checkpoints(tmp_path):
+    cfg = compose_cfg(output_dir=tmp_path)
+    _, _, trainer = build(cfg)
+    (checkpoint,) = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]
+    assert (checkpoint.dirpath, checkpoint.monitor, checkpoint.mode) == (str(tmp_path / "checkpoints"), "val/acc",
+                                                                        "max")
+    assert checkpoint.filename == "best" and checkpoint.save_last
+
+
+def test_seed_tutorial_is_the_tutorials_recipe(tmp_path):
+    cfg = compose_cfg("experiment=seed_tutorial", output_dir=tmp_path)
+    assert (cfg.lr, cfg.batch_size, cfg.epochs) == (1e-3, 64, 10)
+    assert cfg.optimizer._target_ == "torch.optim.SGD" and cfg.optimizer.momentum == 0
+    assert cfg.model.final_relu and not cfg.model.normalize and list(cfg.model.hidden) == [512, 512]
+
+
+def test_help_works_from_another_directory(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "fmnist_lab", "--help"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "fmnist_lab" in result.stdout and "optimizer: adam, adamw, sgd" in result.stdout
+
+
+def test_console_script_is_installed(tmp_path):
+    script = Path(sys.executable).with_name("fmnist-lab")
+    result = subprocess.run([str(script), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "fmnist_lab" in result.stdout, result.stderr

@@ -1,0 +1,137 @@
+"""The IDX reader, its validation, and the data module's splits and batches."""
+
+from __future__ import annotations
+
+import gzip
+
+import pytest
+import torch
+
+from conftest import idx_bytes, synthetic_split, write_idx
+from fmnist_lab.data import (
+    FILES,
+    IMAGE_MAGIC,
+    LABEL_MAGIC,
+    DataError,
+    DeviceBatches,
+    FashionMNISTDataModule,
+    load_split,
+    read_idx,
+)
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+def test_read_idx_round_trips_raw_and_gz(tmp_path, suffix):
+    images, labels = synthetic_split(7, seed=0)
+    assert torch.equal(read_idx(write_idx(tmp_path / f"i{suffix}", images, IMAGE_MAGIC), IMAGE_MAGIC), images)
+    assert torch.equal(read_idx(write_idx(tmp_path / f"l{suffix}", labels, LABEL_MAGIC), LABEL_MAGIC), labels)
+
+
+def test_wrong_magic_is_rejected(tmp_path):
+    images, _ = synthetic_split(3, seed=0)
+    path = write_idx(tmp_path / "labels-as-images.gz", images, LABEL_MAGIC)
+    with pytest.raises(DataError, match=r"labels-as-images.gz has magic number 2049, expected 2051"):
+        read_idx(path, IMAGE_MAGIC)
+
+
+def test_truncated_gz_is_rejected(tmp_path):
+    images, _ = synthetic_split(50, seed=0)
+    whole = gzip.compress(idx_bytes(images, IMAGE_MAGIC))
+    path = tmp_path / "cut.gz"
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError, match=r"Cannot read .*cut.gz.*damaged"):
+        read_idx(path, IMAGE_MAGIC)
+
+
+def test_truncated_raw_file_is_rejected(tmp_path):
+    images, _ = synthetic_split(5, seed=0)
+    path = tmp_path / "cut"
+    path.write_bytes(idx_bytes(images, IMAGE_MAGIC)[:-100])
+    with pytest.raises(DataError, match=r"header promises 5 items"):
+        read_idx(path, IMAGE_MAGIC)
+
+
+def test_wrong_image_size_is_rejected(tmp_path):
+    path = tmp_path / "big"
+    path.write_bytes(idx_bytes(torch.zeros(2, 32, 32, dtype=torch.uint8), IMAGE_MAGIC))
+    with pytest.raises(DataError, match=r"32x32 images"):
+        read_idx(path, IMAGE_MAGIC)
+
+
+def _write_split(root, images, labels, split="test"):
+    write_idx(root / FILES[split][0], images, IMAGE_MAGIC)
+    write_idx(root / FILES[split][1], labels, LABEL_MAGIC)
+
+
+def test_image_label_count_mismatch_is_rejected(tmp_path):
+    images, labels = synthetic_split(10, seed=0)
+    _write_split(tmp_path, images, labels[:9])
+    with pytest.raises(DataError, match=r"holds 10 images but .* holds 9 labels"):
+        load_split(tmp_path, "test")
+
+
+def test_label_outside_0_9_is_rejected(tmp_path):
+    images, labels = synthetic_split(10, seed=0)
+    labels[3] = 12
+    _write_split(tmp_path, images, labels)
+    with pytest.raises(DataError, match=r"contains label 12; FashionMNIST labels are 0-9"):
+        load_split(tmp_path, "test")
+
+
+def test_partial_data_set_is_rejected(tmp_path):
+    images, labels = synthetic_split(100, seed=0)
+    _write_split(tmp_path, images, labels)
+    with pytest.raises(DataError, match=r"holds 100 images; the official test split has 10000"):
+        load_split(tmp_path, "test", 10_000)
+
+
+def test_missing_files_say_where_we_looked_and_how_to_get_them(tmp_path):
+    with pytest.raises(DataError) as err:
+        FashionMNISTDataModule(root=str(tmp_path)).setup("fit")
+    message = str(err.value)
+    assert f"data.root={tmp_path}" in message and "make data" in message and "data.download=true" in message
+
+
+@pytest.mark.parametrize("backend", ["device", "dataloader"])
+def test_official_splits_and_batch_format(synthetic_root, backend):
+    dm = FashionMNISTDataModule(root=str(synthetic_root), batch_size=64, backend=backend, seed=1)
+    dm.setup("fit")
+    assert {k: len(y) for k, (_, y) in dm.splits.items()} == {"train": 55_000, "val": 5_000, "test": 10_000}
+    for loader, size in ((dm.train_dataloader(), 64), (dm.val_dataloader(), 1000), (dm.test_dataloader(), 1000)):
+        x, y = next(iter(loader))
+        assert x.shape == (size, 1, 28, 28) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+        assert y.shape == (size,) and y.dtype == torch.int64
+    assert len(dm.train_dataloader()) == -(-55_000 // 64)
+
+
+def test_backends_serve_identical_evaluation_batches(synthetic_root):
+    """Same split, same pixel values: the device path is exactly ToTensor on the same images."""
+    batches = []
+    for backend in ("device", "dataloader"):
+        dm = FashionMNISTDataModule(root=str(synthetic_root), backend=backend, seed=3)
+        dm.setup("fit")
+        batches.append(next(iter(dm.val_dataloader())))
+    assert torch.equal(batches[0][0], batches[1][0]) and torch.equal(batches[0][1], batches[1][1])
+
+
+def test_validation_split_is_seeded(synthetic_root):
+    def val_images(seed):
+        dm = FashionMNISTDataModule(root=str(synthetic_root), seed=seed)
+        dm.setup("fit")
+        return dm.splits["val"][0]
+
+    assert torch.equal(val_images(0), val_images(0))
+    assert not torch.equal(val_images(0), val_images(42))
+
+
+def test_device_batches_cover_each_epoch_once_in_a_seeded_order():
+    images = torch.arange(10).float().reshape(10, 1, 1, 1)
+    labels = torch.arange(10)
+    loader = DeviceBatches(images, labels, batch_size=4, shuffle=True, seed=5)
+    epoch0 = torch.cat([y for _, y in loader])
+    epoch1 = torch.cat([y for _, y in loader])
+    assert sorted(epoch0.tolist()) == list(range(10)) and not torch.equal(epoch0, epoch1)
+    loader.set_epoch(0)  # what Lightning does before each epoch, and so after a resume
+    assert torch.equal(torch.cat([y for _, y in loader]), epoch0)
+    assert len(loader) == 3 and len(DeviceBatches(images, labels, 4, drop_last=True)) == 2
+    assert all(torch.equal(x.flatten().long(), y) for x, y in loader)  # images stay with their labels

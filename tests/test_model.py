@@ -1,0 +1,77 @@
+"""The MLP and a few real Lightning training steps on synthetic data, on the CPU."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from fmnist_lab.data import FashionMNISTDataModule
+from fmnist_lab.model import MLP, Classifier
+
+SGD = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.05, "momentum": 0.9}
+NET = {"_target_": "fmnist_lab.model.MLP", "hidden": [64]}
+
+
+def test_default_mlp_is_784_512_512_10():
+    net = MLP()
+    linears = [m for m in net.layers if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(784, 512), (512, 512), (512, 10)]
+    assert sum(p.numel() for p in net.parameters()) == 669_706
+    assert not isinstance(net.layers[-1], torch.nn.ReLU)
+    assert net(torch.rand(3, 1, 28, 28)).shape == (3, 10)
+
+
+def test_mlp_options():
+    net = MLP(hidden=[32, 16, 8], activation="gelu", dropout=0.2, final_relu=True, normalize=False)
+    assert isinstance(net.layers[-1], torch.nn.ReLU)
+    assert sum(isinstance(m, torch.nn.Dropout) for m in net.layers) == 3
+    assert sum(isinstance(m, torch.nn.GELU) for m in net.layers) == 3
+    assert (net.eval()(torch.rand(4, 1, 28, 28)) >= 0).all()
+    with pytest.raises(ValueError, match=r"model.activation='swish' is unknown"):
+        MLP(activation="swish")
+
+
+def _trainer(tmp_path, **kwargs) -> pl.Trainer:
+    logger = pl.loggers.TensorBoardLogger(tmp_path, name="tb", version="", default_hp_metric=False)
+    options = dict(accelerator="cpu", devices=1, max_epochs=1, logger=logger, enable_progress_bar=False,
+                   enable_checkpointing=False, enable_model_summary=False, limit_train_batches=60,
+                   limit_val_batches=2, log_every_n_steps=10)
+    return pl.Trainer(**{**options, **kwargs})
+
+
+def test_training_steps_learn_and_log_every_n_steps(synthetic_root, tmp_path):
+    pl.seed_everything(0)
+    dm = FashionMNISTDataModule(root=str(synthetic_root), batch_size=64, seed=0)
+    model = Classifier(NET, SGD, log_every_n_steps=10)
+    trainer = _trainer(tmp_path)
+    trainer.fit(model, datamodule=dm)
+    (result,) = trainer.test(model, datamodule=dm, verbose=False)
+    assert result["test/acc"] > 0.9  # the synthetic classes are easy; chance is 0.1
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert steps == [10, 20, 30, 40, 50, 60]
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert losses[-1] < losses[0] / 2
+    assert {"val/acc", "val/loss", "val/acc_best", "train/lr", "test/acc"} <= set(events.Tags()["scalars"])
+
+
+def test_non_finite_loss_stops_training_with_a_hint(synthetic_root, tmp_path):
+    dm = FashionMNISTDataModule(root=str(synthetic_root), batch_size=64, seed=0)
+    model = Classifier(NET, {**SGD, "lr": 1e6}, log_every_n_steps=5)
+    with pytest.raises(FloatingPointError, match=r"training loss became nan by step \d+.*smaller `lr`"):
+        _trainer(tmp_path).fit(model, datamodule=dm)
+    assert model.global_step <= 10  # stopped at the first read-back, not after the epoch
+
+
+def test_scheduler_and_frozen_parameters_reach_the_optimizer():
+    sched = {"_target_": "torch.optim.lr_scheduler.StepLR", "_partial_": True, "step_size": 1, "gamma": 0.5}
+    model = Classifier(NET, SGD, scheduler=sched)
+    model.net.layers[0].weight.requires_grad_(False)
+    config = model.configure_optimizers()
+    assert isinstance(config["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.StepLR)
+    params = [p for group in config["optimizer"].param_groups for p in group["params"]]
+    assert len(params) == 3 and all(p is not model.net.layers[0].weight for p in params)
