@@ -43,7 +43,7 @@ def test_short_keys_reach_the_groups(tmp_path):
     cfg = compose_cfg("epochs=3", "lr=0.2", "batch_size=32", "seed=0", "device=cpu", output_dir=tmp_path)
     datamodule, model, trainer = build(cfg)
     assert (datamodule.batch_size, datamodule.seed) == (32, 0)  # seed=0 is a seed, not "no seed"
-    assert model.configure_optimizers().defaults["lr"] == 0.2
+    assert model.configure_optimizers()["optimizer"].defaults["lr"] == 0.2
     assert trainer.max_epochs == 3 and trainer.accelerator.__class__.__name__ == "CPUAccelerator"
 
 
