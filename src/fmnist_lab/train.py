@@ -97,7 +97,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def report(out: Path, metrics: dict, tensorboard: bool) -> None:
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)  # paths stay whole for copying
     console.print(f"[bold]test/acc {metrics['test/acc']:.4f}[/]  test/loss {metrics['test/loss']:.4f}  "
                   f"({metrics['epochs']} epochs, {metrics['train_seconds']:.1f} s training on {metrics['device']})")
     console.print(f"artifacts: {out}  (metrics.json, checkpoints/)")
