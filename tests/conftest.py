@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,3 +60,25 @@ def compose_cfg(*overrides: str, output_dir: Path | str = "unused"):
     """The config `python -m fmnist_lab <overrides>` would run, with the run dir set to `output_dir`."""
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         return compose("train", overrides=[f"paths.output_dir={output_dir}", *overrides])
+
+
+def run_cli(cwd: Path, *args: str, module: str = "fmnist_lab", check: bool = True, timeout: int = 600):
+    """`python -m <module> <args>` in `cwd`, as a user runs it."""
+    result = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
+                            timeout=timeout)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def only_run_dir(root: Path) -> Path:
+    (run,) = [p for p in (root / "outputs").glob("*/*") if p.is_dir()]
+    return run
+
+
+@pytest.fixture(scope="session")
+def real_run(real_root, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One real 1-epoch CLI run on the real data, shared by the tests that inspect its artifacts."""
+    cwd = tmp_path_factory.mktemp("real_run")
+    result = run_cli(cwd, "epochs=1", "device=cpu")
+    return only_run_dir(cwd), result

@@ -10,23 +10,12 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-
-def run_cli(cwd, *overrides, timeout=600):
-    result = subprocess.run([sys.executable, "-m", "fmnist_lab", *overrides], cwd=cwd, capture_output=True,
-                            text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-def only_run_dir(root):
-    (run,) = [p for p in (root / "outputs").glob("*/*") if p.is_dir()]
-    return run
+from conftest import only_run_dir, run_cli
 
 
 @pytest.mark.slow
-def test_one_epoch_on_real_data_writes_the_whole_contract(real_root, tmp_path):
-    result = run_cli(tmp_path, "epochs=1", "device=cpu")
-    run = only_run_dir(tmp_path)
+def test_one_epoch_on_real_data_writes_the_whole_contract(real_run):
+    run, result = real_run
 
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test/acc"] >= 0.80
@@ -37,6 +26,10 @@ def test_one_epoch_on_real_data_writes_the_whole_contract(real_root, tmp_path):
     for name in ("best.ckpt", "last.ckpt"):
         checkpoint = torch.load(run / "checkpoints" / name, weights_only=True)
         assert checkpoint["hyper_parameters"]["net"]["hidden"] == [512, 512]
+    weights = torch.load(run / "model_weights.pth", weights_only=True)
+    assert set(weights) == {f"layers.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")}
+    assert metrics["onnx"]["ok"] and metrics["onnx"]["max_abs_diff"] <= 1e-4 and (run / "model.onnx").is_file()
+    assert metrics["params"] == {"total": 669_706, "trainable": 669_706, "frozen": 0}
     assert metrics["best_checkpoint"] == str(run / "checkpoints" / "best.ckpt")
     assert (run / ".hydra" / "config.yaml").is_file() and (run / ".hydra" / "overrides.yaml").is_file()
 

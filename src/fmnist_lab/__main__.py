@@ -19,11 +19,11 @@ def config_dir() -> str:
 def main(cfg: DictConfig) -> float | None:
     # Heavy imports here, not at the top, so `--help` and config errors answer at once.
     from fmnist_lab.data import DataError
-    from fmnist_lab.train import train
+    from fmnist_lab.train import ArtifactError, train
 
     try:
         metrics = train(cfg)
-    except DataError as err:
+    except (DataError, ArtifactError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
     return metrics.get(cfg.get("optimized_metric"))

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import sys
 import time
+import warnings
+from pathlib import Path
 
 import lightning.pytorch as pl
+import onnx
+import torch
 from lightning.pytorch.callbacks import Callback, RichProgressBar
+
+import fmnist_lab
+from fmnist_lab.data import CLASSES
+from fmnist_lab.files import atomic_write
+from fmnist_lab.model import INPUT_DESCRIPTION
 
 
 class EpochLog(Callback):
@@ -26,3 +37,87 @@ class EpochLog(Callback):
 def progress(refresh_rate: int = 10) -> Callback:
     """A Rich progress bar on a terminal, one line per epoch otherwise."""
     return RichProgressBar(refresh_rate=refresh_rate) if sys.stdout.isatty() else EpochLog()
+
+
+class OnnxExport(Callback):
+    """After testing, export the tested network (the best checkpoint) to ONNX and verify it.
+
+    The file is self-contained, CPU float32, with a dynamic batch axis: input `image` [N, 1, 28, 28] in [0, 1]
+    (normalization is inside the graph), output `logits` [N, 10]. Verification runs `onnx.checker` and compares
+    ONNX Runtime with PyTorch on real test images at batch sizes 1 and 256. The result lands in `metrics`
+    (and so in metrics.json); a failure is `error` (the run fails after writing its metrics) unless
+    `strict=False`, which only warns.
+    """
+
+    def __init__(self, path: str, strict: bool = True, atol: float = 1e-4, opset: int | None = None) -> None:
+        self.path, self.strict, self.atol, self.opset = Path(path), strict, atol, opset
+        self.metrics: dict = {}
+        self.error: str | None = None
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        net = copy.deepcopy(pl_module.net).float().cpu().eval()
+        images = first_images(trainer.datamodule.test_dataloader(), 256)
+        test_acc = trainer.callback_metrics.get("test/acc")
+        export_onnx(net, self.path, {"test_acc": f"{float(test_acc):.4f}" if test_acc is not None else "unknown"},
+                    self.opset)
+        result = verify_onnx(net, self.path, images, self.atol)
+        self.metrics = {"onnx": result}
+        if not result["ok"]:
+            message = (f"ONNX verification failed for {self.path}: {result['problem']}. The checkpoints are "
+                       "intact; set callbacks.onnx_export.strict=false to keep the run with a warning instead.")
+            if self.strict:
+                self.error = message
+            else:
+                warnings.warn(message, stacklevel=1)
+
+
+def first_images(loader, count: int) -> torch.Tensor:
+    """The first `count` images a loader yields, as CPU float32."""
+    batches, total = [], 0
+    for x, _ in loader:
+        batches.append(x.cpu().float())
+        total += len(x)
+        if total >= count:
+            break
+    return torch.cat(batches)[:count]
+
+
+def export_onnx(net: torch.nn.Module, path: Path, extra_metadata: dict[str, str], opset: int | None = None) -> None:
+    example = torch.rand(2, 1, 28, 28)
+    program = torch.onnx.export(net, (example,), dynamo=True, input_names=["image"], output_names=["logits"],
+                                dynamic_shapes={"x": {0: "batch"}}, external_data=False, opset_version=opset,
+                                verbose=False)
+    proto = program.model_proto
+    metadata = {"classes": json.dumps(list(CLASSES)), "input": INPUT_DESCRIPTION,
+                "output": "logits [N, 10]; softmax gives class probabilities",
+                "fmnist_lab_version": fmnist_lab.__version__, **extra_metadata}
+    for key, value in metadata.items():
+        proto.metadata_props.add(key=key, value=value)
+    atomic_write(path, lambda tmp: onnx.save_model(proto, str(tmp), save_as_external_data=False))
+
+
+def verify_onnx(net: torch.nn.Module, path: Path, images: torch.Tensor, atol: float = 1e-4) -> dict:
+    import onnxruntime as ort
+
+    result: dict = {"path": str(path), "checker": False, "max_abs_diff": None, "argmax_equal": False,
+                    "batch_sizes": [1, len(images)], "atol": atol, "ok": False, "problem": None}
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+        result["checker"] = True
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        diffs, same = [], True
+        for batch in (images[:1], images):
+            with torch.no_grad():
+                expected = net(batch).numpy()
+            (got,) = session.run(["logits"], {"image": batch.numpy()})
+            diffs.append(float(abs(got - expected).max()))
+            same &= bool((got.argmax(1) == expected.argmax(1)).all())
+        result.update(max_abs_diff=max(diffs), argmax_equal=same)
+        if max(diffs) > atol or not same:
+            result["problem"] = f"max |logit difference| {max(diffs):.2e} (allowed {atol:.0e}), argmax equal: {same}"
+    except Exception as err:  # a checker or runtime failure is a verification result, reported the same way
+        result["problem"] = f"{type(err).__name__}: {err}"
+    result["ok"] = result["problem"] is None
+    return result

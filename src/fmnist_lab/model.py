@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
+import pickle
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -13,9 +17,12 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from fmnist_lab.files import atomic_write, write_json
+
 # Mean and std of the FashionMNIST training pixels in [0, 1]; applied inside the model so every checkpoint
 # and export takes raw pixels and a client needs no knowledge of them.
 PIXEL_MEAN, PIXEL_STD = 0.2860, 0.3530
+INPUT_DESCRIPTION = "float32 [N, 1, 28, 28]: grayscale pixels in [0, 1], light garment on black (as ToTensor gives)"
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "leaky_relu": nn.LeakyReLU}
 
 
@@ -143,3 +150,99 @@ class Classifier(pl.LightningModule):
             return optimizer
         scheduler = instantiate(self.hparams.scheduler)(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+# --- artifacts: the weights file, loading any of them back, warm start and frozen layers -----------------
+
+
+class UnsafeFileError(ValueError):
+    """A file that would need arbitrary unpickling (e.g. a whole model saved with `torch.save(model)`)."""
+
+
+def read_file(path: Path) -> Any:
+    """`torch.load(path, weights_only=True)`: tensors and plain containers only, never arbitrary code."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: give a run directory, a .ckpt or a .pth file.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UnsafeFileError(
+            f"{path} holds pickled Python objects, not just tensors (a model saved with `torch.save(model)`?). "
+            "Loading it could run arbitrary code, so fmnist_lab refuses it. Save `model.state_dict()` instead, "
+            "or use a run's model_weights.pth or checkpoints/best.ckpt."
+        ) from err
+
+
+def save_weights(net: nn.Module, net_config: dict, folder: Path, classes: Sequence[str]) -> Path:
+    """`model_weights.pth` (the state_dict, as in the PyTorch tutorial) + `model.json` (how to rebuild it)."""
+    write_json(folder / "model.json", {"net": net_config, "classes": list(classes), "input": INPUT_DESCRIPTION})
+    return atomic_write(folder / "model_weights.pth", lambda tmp: torch.save(net.state_dict(), tmp))
+
+
+def read_weights(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(net config, state_dict) from a run directory, a Lightning .ckpt, or a .pth with model.json beside it."""
+    path = Path(path)
+    if path.is_dir():
+        candidates = [path / "model_weights.pth", *(path / "checkpoints" / f for f in ("best.ckpt", "last.ckpt"))]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise FileNotFoundError(f"{path} holds no model: looked for {', '.join(map(str, candidates))}.")
+        path = found
+    data = read_file(path)
+    if path.suffix == ".ckpt":
+        net_config = data.get("hyper_parameters", {}).get("net")
+        if net_config is None:
+            raise ValueError(f"{path} is a checkpoint without fmnist_lab's `net` hyperparameters.")
+        return net_config, {k.removeprefix("net."): v for k, v in data["state_dict"].items() if k.startswith("net.")}
+    description = path.with_name("model.json")
+    if not description.is_file():
+        raise FileNotFoundError(f"{path} is a bare state_dict; {description} must sit beside it to say which "
+                                "architecture the weights belong to (every run writes the pair).")
+    return json.loads(description.read_text())["net"], data
+
+
+def load_model(path: str | Path) -> nn.Module:
+    """An eval-mode network on the CPU from a run directory, a .ckpt or a .pth (always `weights_only`)."""
+    net_config, state = read_weights(path)
+    net = instantiate(net_config)
+    net.load_state_dict(state)
+    return net.eval()
+
+
+def warm_start(net: nn.Module, path: str | Path, strict: bool = True) -> list[str]:
+    """Copy weights from a run/.ckpt/.pth into `net`; `strict=False` takes every tensor whose name and shape
+    match and skips the rest. Returns the names of the tensors loaded."""
+    _, state = read_weights(path)
+    own = net.state_dict()
+    loaded = [k for k, v in state.items() if k in own and own[k].shape == v.shape]
+    if strict and not (len(loaded) == len(own) == len(state)):
+        mismatched = sorted((set(own) | set(state)) - set(loaded))
+        raise ValueError(f"model.init_from={path} does not match this model ({', '.join(mismatched)} differ in "
+                         "name or shape); set model.init_strict=false to load only the tensors that match.")
+    net.load_state_dict({k: state[k] for k in loaded}, strict=False)
+    return loaded
+
+
+def freeze(net: nn.Module, layers: Sequence[int | str]) -> list[str]:
+    """Freeze layers given as an index into the Linear layers (0 = first, -1 = last) or a module name
+    (`layers.0`). Frozen parameters get `requires_grad=False` and stay out of the optimizer."""
+    linears = [name for name, m in net.named_modules() if isinstance(m, nn.Linear)]
+    modules = dict(net.named_modules())
+    names = []
+    for layer in layers:
+        if isinstance(layer, int):
+            if not -len(linears) <= layer < len(linears):
+                raise ValueError(f"model.freeze: index {layer} is out of range; the model has {len(linears)} "
+                                 f"Linear layers ({', '.join(linears)}).")
+            layer = linears[layer]
+        if layer not in modules or not layer:
+            raise ValueError(f"model.freeze: no layer named {layer!r}; use an index or one of {', '.join(linears)}.")
+        modules[layer].requires_grad_(False)
+        names.append(layer)
+    return names
+
+
+def parameter_counts(net: nn.Module) -> dict[str, int]:
+    total = sum(p.numel() for p in net.parameters())
+    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable, "frozen": total - trainable}

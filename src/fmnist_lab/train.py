@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import platform
 import time
 import warnings
@@ -20,7 +18,16 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 import fmnist_lab
-from fmnist_lab.model import Classifier
+from fmnist_lab.data import CLASSES
+from fmnist_lab.files import write_json
+from fmnist_lab.model import Classifier, freeze, parameter_counts, save_weights, warm_start
+
+log = logging.getLogger(__name__)
+INIT_KEYS = {"init_from": None, "init_strict": True, "freeze": []}
+
+
+class ArtifactError(RuntimeError):
+    """An artifact failed its check (e.g. ONNX verification); the run's other outputs are kept."""
 
 
 def plain(node: Any) -> Any:
@@ -28,25 +35,29 @@ def plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
-def write_json(path: Path, data: dict) -> None:
-    """Write through a temporary file and rename, so a kill never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def quiet_lightning() -> None:
-    """Lightning's log lines go through Hydra's handlers (console + the run's log file) once, minus ads."""
+def quiet_libraries() -> None:
+    """Lightning's log lines go through Hydra's handlers (console + the run's log file) once, minus ads;
+    the ONNX exporter's pass-by-pass INFO lines are left out."""
     logging.getLogger("lightning").handlers.clear()  # its own console handler doubles every line under Hydra
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "Tip:" not in r.getMessage())
+    for name in ("onnx_ir", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning-internal
 
 
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, Classifier, pl.Trainer]:
     datamodule = instantiate(cfg.data)
-    model = Classifier(net=plain(cfg.model), optimizer=plain(cfg.optimizer), scheduler=plain(cfg.scheduler) or None,
+    net_config = plain(cfg.model)
+    # How to initialize and what to freeze belong to this run, not to the architecture a checkpoint records.
+    init_from, init_strict, frozen = (net_config.pop(k, d) for k, d in INIT_KEYS.items())
+    model = Classifier(net=net_config, optimizer=plain(cfg.optimizer), scheduler=plain(cfg.scheduler) or None,
                        num_classes=cfg.model.get("num_classes", 10),
                        log_every_n_steps=cfg.trainer.get("log_every_n_steps", 50))
+    if init_from:
+        loaded = warm_start(model.net, init_from, init_strict)
+        log.info(f"model.init_from={init_from}: loaded {len(loaded)} tensors ({', '.join(loaded)})")
+    if frozen:
+        log.info(f"model.freeze: froze {', '.join(freeze(model.net, frozen))}")
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
@@ -59,10 +70,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one job and return its metrics (also written to `<run dir>/metrics.json`)."""
     out = Path(cfg.paths.output_dir)  # Hydra's run dir; we never chdir into it
     out.mkdir(parents=True, exist_ok=True)
-    quiet_lightning()
+    quiet_libraries()
     if cfg.seed is not None:  # `if cfg.seed` would silently drop seed=0
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, model, trainer = build(cfg)
+    params = parameter_counts(model.net)
+    log.info("parameters: {total:,} total, {trainable:,} trainable, {frozen:,} frozen".format(**params))
 
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule)
@@ -81,6 +94,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "global_step": trainer.global_step,
         "train_seconds": round(train_seconds, 3),
         "best_checkpoint": best or None,
+        "params": params,
         "seed": cfg.seed,
         "device": str(trainer.strategy.root_device),
         "versions": {"fmnist_lab": fmnist_lab.__version__, "torch": torch.__version__, "lightning": pl.__version__,
@@ -91,7 +105,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         logger.log_hyperparams(hparams, {k: metrics[k] for k in ("test/acc", "test/loss", "val/acc_best")
                                          if metrics[k] is not None})
         logger.finalize("success")
+    save_weights(model.net, model.hparams.net, out, CLASSES)  # the tested (best) weights
+    for callback in trainer.callbacks:  # e.g. the ONNX export's verification result
+        metrics.update(getattr(callback, "metrics", None) or {})
     write_json(out / "metrics.json", metrics)
+    errors = [callback.error for callback in trainer.callbacks if getattr(callback, "error", None)]
+    if errors:  # after metrics.json, so the failed run still records everything it measured
+        raise ArtifactError(" ".join(errors))
     report(out, metrics, tensorboard=any("tensorboard" in type(lg).__name__.lower() for lg in trainer.loggers))
     return metrics
 
@@ -100,6 +120,7 @@ def report(out: Path, metrics: dict, tensorboard: bool) -> None:
     console = Console(highlight=False, soft_wrap=True)  # paths stay whole for copying
     console.print(f"[bold]test/acc {metrics['test/acc']:.4f}[/]  test/loss {metrics['test/loss']:.4f}  "
                   f"({metrics['epochs']} epochs, {metrics['train_seconds']:.1f} s training on {metrics['device']})")
-    console.print(f"artifacts: {out}  (metrics.json, checkpoints/)")
+    onnx_note = ", model.onnx (verified)" if metrics.get("onnx", {}).get("ok") else ""
+    console.print(f"artifacts: {out}  (metrics.json, checkpoints/, model_weights.pth{onnx_note})")
     if tensorboard:
         console.print(f"curves:    tensorboard --logdir {out / 'tensorboard'}")

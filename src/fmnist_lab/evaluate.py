@@ -1,0 +1,72 @@
+"""Re-test a trained model on the 10,000 official test images.
+
+    python -m fmnist_lab.evaluate run=<run dir|.ckpt|.pth> [data.root=<folder>] [device=auto|cpu|gpu]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from fmnist_lab.predict import UsageError, parse_args
+
+USAGE = __doc__.split("\n\n")[1].strip()
+
+
+def evaluate(run: str | Path, root: str | None = None, device: str = "auto") -> dict[str, float]:
+    """Test accuracy and mean cross-entropy of the model at `run` on the official test split."""
+    import torch
+    import torch.nn.functional as F
+
+    from fmnist_lab.data import FashionMNISTDataModule
+    from fmnist_lab.model import load_model
+
+    if device == "gpu" and not torch.cuda.is_available():
+        raise UsageError("device=gpu, but no CUDA GPU is visible; use device=cpu or device=auto.")
+    target = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
+    net = load_model(run).to(target)
+    data = FashionMNISTDataModule(root=root)
+    data.setup("test")
+    correct, loss, count = 0, 0.0, 0
+    with torch.no_grad():
+        for x, y in data.test_dataloader():
+            logits = net(x.to(target))
+            loss += float(F.cross_entropy(logits, y.to(target), reduction="sum"))
+            correct += int((logits.argmax(1) == y.to(target)).sum())
+            count += len(y)
+    return {"test/acc": correct / count, "test/loss": loss / count, "count": count}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from fmnist_lab.data import DataError
+
+    try:
+        options, extra, flags = parse_args(sys.argv[1:] if argv is None else argv,
+                                           {"run": None, "data.root": "", "device": "auto"}, USAGE)
+        if extra or flags:
+            raise UsageError(f"unexpected {' '.join([*extra, *flags])}.\nusage: {USAGE}")
+        run = Path(options["run"])
+        recorded_root = None
+        hydra_config = run / ".hydra" / "config.yaml"
+        if run.is_dir() and hydra_config.is_file():  # test on the same files the run used
+            from omegaconf import OmegaConf
+
+            recorded_root = OmegaConf.load(hydra_config).data.get("root")
+        result = evaluate(run, options["data.root"] or recorded_root, options["device"])
+    except (UsageError, FileNotFoundError, ValueError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"test/acc {result['test/acc']:.4f}  test/loss {result['test/loss']:.4f}  "
+          f"({result['count']:,} test images, model {run})")
+    metrics_file = run / "metrics.json"
+    if metrics_file.is_file():
+        recorded = json.loads(metrics_file.read_text())["test/acc"]
+        print(f"the run recorded test/acc {recorded:.4f} "
+              f"(difference {100 * (result['test/acc'] - recorded):+.2f} points)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""ONNX export and verification, the weights file, load_model, evaluate, predict, warm start and freezing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import lightning.pytorch as pl
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from PIL import Image
+
+from conftest import compose_cfg, run_cli
+from fmnist_lab import load_model
+from fmnist_lab.callbacks import OnnxExport, verify_onnx
+from fmnist_lab.data import CLASSES, FashionMNISTDataModule, load_split
+from fmnist_lab.model import MLP, Classifier, UnsafeFileError, freeze, save_weights, warm_start
+from fmnist_lab.train import train
+
+NET = {"_target_": "fmnist_lab.model.MLP", "hidden": [32]}
+SGD = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.05, "momentum": 0.9}
+
+
+@pytest.fixture(scope="module")
+def tiny_trained(synthetic_root, tmp_path_factory):
+    """A tiny model trained for a few steps with the OnnxExport callback attached, as a run has it."""
+    folder = tmp_path_factory.mktemp("tiny")
+    dm = FashionMNISTDataModule(root=str(synthetic_root), batch_size=64, seed=0)
+    model = Classifier(NET, SGD)
+    export = OnnxExport(path=str(folder / "model.onnx"))
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=30, limit_val_batches=1,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[export])
+    trainer.fit(model, datamodule=dm)
+    trainer.test(model, datamodule=dm, verbose=False)
+    return model.net.eval(), folder / "model.onnx", export, dm
+
+
+def test_onnx_export_is_verified_self_contained_and_described(tiny_trained):
+    net, path, export, _ = tiny_trained
+    assert export.error is None and export.metrics["onnx"]["ok"] and export.metrics["onnx"]["checker"]
+    assert export.metrics["onnx"]["max_abs_diff"] <= 1e-4 and export.metrics["onnx"]["batch_sizes"] == [1, 256]
+    assert [p.name for p in path.parent.iterdir() if p.name != "model.onnx"] == []  # no external-data sidecar
+    model = onnx.load(str(path))
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(meta["classes"]) == list(CLASSES) and "[0, 1]" in meta["input"]
+    assert meta["fmnist_lab_version"] and 0 <= float(meta["test_acc"]) <= 1
+
+
+def test_onnx_batch_axis_is_dynamic_and_normalization_is_inside(tiny_trained):
+    net, path, _, _ = tiny_trained
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image"] and session.get_outputs()[0].name == "logits"
+    for n in (1, 37):
+        x = torch.rand(n, 1, 28, 28)
+        (logits,) = session.run(["logits"], {"image": x.numpy()})
+        assert logits.shape == (n, 10)
+        np.testing.assert_allclose(logits, net(x).detach().numpy(), atol=1e-4)  # raw [0, 1] pixels in
+
+
+def test_verification_catches_a_model_that_does_not_match(tiny_trained, tmp_path):
+    net, path, _, _ = tiny_trained
+    other = MLP(hidden=[32])  # different weights: the export no longer matches this network
+    result = verify_onnx(other, path, torch.rand(256, 1, 28, 28))
+    assert not result["ok"] and "max |logit difference|" in result["problem"]
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not onnx")
+    result = verify_onnx(net, broken, torch.rand(4, 1, 28, 28))
+    assert not result["ok"] and not result["checker"] and result["problem"]
+
+
+def test_strict_verification_failure_fails_the_run_after_writing_metrics(synthetic_root, tmp_path, monkeypatch):
+    monkeypatch.setattr("fmnist_lab.callbacks.verify_onnx", lambda *a, **k: {"ok": False, "problem": "forced"})
+    cfg = compose_cfg(f"data.root={synthetic_root}", "device=cpu", "debug=limit", "epochs=1", "logger=none",
+                      output_dir=tmp_path)
+    with pytest.raises(RuntimeError, match=r"ONNX verification failed .*forced.*strict=false"):
+        train(cfg)
+    assert json.loads((tmp_path / "metrics.json").read_text())["onnx"]["problem"] == "forced"
+    cfg = compose_cfg(f"data.root={synthetic_root}", "device=cpu", "debug=limit", "epochs=1", "logger=none",
+                      "callbacks.onnx_export.strict=false", output_dir=tmp_path / "lenient")
+    with pytest.warns(UserWarning, match="ONNX verification failed"):
+        assert train(cfg)["onnx"]["ok"] is False
+
+
+def test_load_model_from_weights_checkpoint_and_refuses_pickles(tiny_trained, tmp_path):
+    net, *_ = tiny_trained
+    save_weights(net, NET, tmp_path, CLASSES)
+    x = torch.rand(5, 1, 28, 28)
+    for source in (tmp_path, tmp_path / "model_weights.pth"):
+        loaded = load_model(source)
+        assert not loaded.training and torch.equal(loaded(x), net(x))
+    assert json.loads((tmp_path / "model.json").read_text())["classes"] == list(CLASSES)
+
+    pickled = tmp_path / "pickled" / "model_weights.pth"
+    pickled.parent.mkdir()
+    torch.save(MLP(), pickled)  # the tutorial's whole-model save
+    (pickled.parent / "model.json").write_text((tmp_path / "model.json").read_text())
+    with pytest.raises(UnsafeFileError, match=r"could run arbitrary code"):
+        load_model(pickled)
+    with pytest.raises(FileNotFoundError, match=r"model.json must sit beside it"):
+        (tmp_path / "model.json").unlink()
+        load_model(tmp_path / "model_weights.pth")
+
+
+def test_partial_warm_start_and_freeze_options(tmp_path):
+    save_weights(MLP(), {"_target_": "fmnist_lab.model.MLP"}, tmp_path, CLASSES)
+    narrower = MLP(hidden=[512, 256])
+    with pytest.raises(ValueError, match=r"layers.2.weight.*model.init_strict=false"):
+        warm_start(narrower, tmp_path)
+    # the first layer and the output bias ([10]) match in name and shape; the rest is skipped
+    assert warm_start(narrower, tmp_path, strict=False) == ["layers.0.weight", "layers.0.bias", "layers.4.bias"]
+    assert freeze(narrower, [0, "layers.4"]) == ["layers.0", "layers.4"]
+    assert [p.requires_grad for p in narrower.parameters()] == [False, False, True, True, False, False]
+    with pytest.raises(ValueError, match=r"index 3 is out of range; the model has 3 Linear layers"):
+        freeze(narrower, [3])
+    with pytest.raises(ValueError, match=r"no layer named 'fc1'"):
+        freeze(narrower, ["fc1"])
+
+
+@pytest.mark.slow
+def test_evaluate_matches_the_runs_test_accuracy(real_run, tmp_path):
+    run, _ = real_run
+    recorded = json.loads((run / "metrics.json").read_text())["test/acc"]
+    for target in (run, run / "checkpoints" / "best.ckpt"):
+        out = run_cli(tmp_path, f"run={target}", "device=cpu", module="fmnist_lab.evaluate").stdout
+        accuracy = float(out.split("test/acc ")[1].split()[0])
+        assert abs(accuracy - recorded) <= 0.001 and "10,000 test images" in out
+
+
+@pytest.fixture(scope="module")
+def test_pngs(real_root, tmp_path_factory):
+    """40 real test images as PNG files named after their true class, plus a corrupt one."""
+    folder = tmp_path_factory.mktemp("pngs")
+    images, labels = load_split(real_root, "test")
+    for i in range(40):
+        Image.fromarray(images[i].numpy(), mode="L").save(folder / f"{i:02d}_{int(labels[i])}.png")
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_file", ["model.onnx", "", "model_weights.pth", "checkpoints/best.ckpt"])
+def test_predict_real_images(real_run, test_pngs, tmp_path, model_file):
+    run, _ = real_run
+    result = run_cli(tmp_path, f"model={run / model_file}", str(test_pngs), "--json", module="fmnist_lab.predict")
+    predictions = json.loads(result.stdout)
+    assert len(predictions) == 40 and all(len(p["top_k"]) == 3 for p in predictions)
+    correct = sum(CLASSES.index(p["class"]) == int(p["file"].rsplit("_", 1)[1][0]) for p in predictions)
+    assert correct >= 32  # a 1-epoch model gets ~85%
+    assert all(p["top_k"][0]["probability"] == p["probability"] >= p["top_k"][1]["probability"] for p in predictions)
+
+
+@pytest.mark.slow
+def test_predict_reports_bad_files_and_predicts_the_rest(real_run, test_pngs, tmp_path):
+    run, _ = real_run
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG not really")
+    rgb = tmp_path / "big.jpg"
+    Image.open(test_pngs / "00_9.png").convert("RGB").resize((64, 64)).save(rgb)
+    result = run_cli(tmp_path, f"model={run / 'model.onnx'}", "top_k=2", str(test_pngs / "00_9.png"), str(corrupt),
+                     str(tmp_path / "missing.png"), str(rgb), module="fmnist_lab.predict", check=False)
+    assert result.returncode == 1
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"{test_pngs / '00_9.png'}: Ankle boot") and "(top 2:" in lines[0]
+    assert f"error: {corrupt}: not a readable image" in result.stderr
+    assert f"error: {tmp_path / 'missing.png'}: no such file" in result.stderr
+    assert "converted RGB to grayscale and 64x64 to 28x28" in result.stderr
+
+
+@pytest.mark.slow
+def test_onnx_predict_runs_without_torch(real_run, test_pngs):
+    run, _ = real_run
+    code = ("import sys; sys.modules['torch'] = None  # any `import torch` now fails\n"
+            "from fmnist_lab.predict import main\n"
+            f"sys.exit(main(['model={run / 'model.onnx'}', '{test_pngs / '01_2.png'}']))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{test_pngs / '01_2.png'}: Pullover")
+
+
+@pytest.mark.slow
+def test_warm_start_with_a_frozen_layer(real_run, tmp_path):
+    """From the real run's weights, one short epoch with the first layer frozen: that layer stays bit-identical,
+    the others move, and the result beats the same short epoch from scratch."""
+    run, _ = real_run
+    common = ["device=cpu", "epochs=1", "trainer.limit_train_batches=20", "logger=none", "callbacks=none"]
+    warm = train(compose_cfg(*common, f"model.init_from={run}", "model.freeze=[0]", output_dir=tmp_path / "warm"))
+    fresh = train(compose_cfg(*common, output_dir=tmp_path / "fresh"))
+    assert warm["params"] == {"total": 669_706, "trainable": 669_706 - 784 * 512 - 512, "frozen": 784 * 512 + 512}
+    assert warm["test/acc"] > fresh["test/acc"] + 0.02
+
+    source = torch.load(run / "model_weights.pth", weights_only=True)
+    after = torch.load(tmp_path / "warm" / "model_weights.pth", weights_only=True)
+    assert torch.equal(after["layers.0.weight"], source["layers.0.weight"])
+    assert torch.equal(after["layers.0.bias"], source["layers.0.bias"])
+    assert not torch.equal(after["layers.2.weight"], source["layers.2.weight"])
