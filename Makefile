@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 ARGS ?=
 PYTEST_ARGS ?=
+BENCH_ARGS ?= --device cpu --epochs 3 --batch-size 64 --rounds 2
 
 .PHONY: setup data run test lint bench clean
 
@@ -26,6 +27,10 @@ run: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Side-by-side training speed (scripts/bench.py); on a GPU: make bench BENCH_ARGS="--device cuda"
+bench: setup
+	$(PY) scripts/bench.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests scripts

@@ -34,6 +34,34 @@ class EpochLog(Callback):
               f"({time.perf_counter() - self._start:.1f} s)", flush=True)
 
 
+class EpochTimer(Callback):
+    """Wall time of each training epoch's steps (validation excluded), into metrics.json as `epoch_seconds`."""
+
+    def __init__(self) -> None:
+        self.metrics: dict = {"epoch_seconds": []}
+        self._start: float | None = None
+
+    def _now(self, pl_module: pl.LightningModule) -> float:
+        if pl_module.device.type == "cuda":  # once per epoch: wait for the queued steps to really finish
+            torch.cuda.synchronize(pl_module.device)
+        return time.perf_counter()
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = self._now(pl_module)
+
+    def _stop(self, pl_module: pl.LightningModule) -> None:
+        if self._start is not None:
+            self.metrics["epoch_seconds"].append(round(self._now(pl_module) - self._start, 4))
+            self._start = None
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._stop(pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop(pl_module)  # epochs without validation
+
+
 def progress(refresh_rate: int = 10) -> Callback:
     """A Rich progress bar on a terminal, one line per epoch otherwise."""
     return RichProgressBar(refresh_rate=refresh_rate) if sys.stdout.isatty() else EpochLog()
