@@ -1,12 +1,16 @@
-"""`python -m fmnist_lab [overrides]`: train with the Hydra config in conf/train.yaml."""
+"""`python -m fmnist_lab [overrides]`: train with the Hydra config in conf/train.yaml (`-m` for sweeps)."""
 
 from __future__ import annotations
 
+import logging
+import math
 import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
 
 
 def config_dir() -> str:
@@ -17,16 +21,28 @@ def config_dir() -> str:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    """One job. Returns the objective for sweepers: `optimized_metric`, or None for a failed job."""
     # Heavy imports here, not at the top, so `--help` and config errors answer at once.
     from fmnist_lab.data import DataError
+    from fmnist_lab.sweep import is_multirun, record_failure, share_machine
     from fmnist_lab.train import ArtifactError, train
 
+    if not is_multirun():
+        try:
+            metrics = train(cfg)
+        except (DataError, ArtifactError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(1) from None
+        return metrics.get(cfg.get("optimized_metric"))
+
+    share_machine(cfg)
     try:
-        metrics = train(cfg)
-    except (DataError, ArtifactError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
-    return metrics.get(cfg.get("optimized_metric"))
+        value = train(cfg).get(cfg.get("optimized_metric"))
+    except Exception as err:  # one job's failure must not end the sweep: record it, report it, go on
+        record_failure(cfg, err)
+        log.error(f"job failed: {type(err).__name__}: {err}")
+        return None  # Optuna counts a trial without a value as failed
+    return value if value is not None and math.isfinite(value) else None
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import logging
 import platform
 import time
 import warnings
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     params = parameter_counts(model.net)
     log.info("parameters: {total:,} total, {trainable:,} trainable, {frozen:,} frozen".format(**params))
 
+    started = datetime.now().astimezone().isoformat(timespec="seconds")
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule)
     train_seconds = time.perf_counter() - start
@@ -97,13 +99,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "params": params,
         "seed": cfg.seed,
         "device": str(trainer.strategy.root_device),
+        "cpu_threads": torch.get_num_threads(),
+        "started": started,
+        "finished": datetime.now().astimezone().isoformat(timespec="seconds"),
         "versions": {"fmnist_lab": fmnist_lab.__version__, "torch": torch.__version__, "lightning": pl.__version__,
                      "python": platform.python_version()},
     }
+    # TensorBoard's HPARAMS tab: this job's config next to its final numbers (as hp/* scalars, so the real
+    # curves keep only their real points); one `tensorboard --logdir <sweep dir>` compares every job.
     hparams = {k: v for k, v in plain(cfg).items() if k not in ("paths", "hydra")}
+    final = {f"hp/{k.replace('/', '_')}": metrics[k] for k in ("test/acc", "test/loss", "val/acc_best")
+             if metrics[k] is not None}
     for logger in trainer.loggers:
-        logger.log_hyperparams(hparams, {k: metrics[k] for k in ("test/acc", "test/loss", "val/acc_best")
-                                         if metrics[k] is not None})
+        logger.log_hyperparams(hparams, final)
         logger.finalize("success")
     save_weights(model.net, model.hparams.net, out, CLASSES)  # the tested (best) weights
     for callback in trainer.callbacks:  # e.g. the ONNX export's verification result

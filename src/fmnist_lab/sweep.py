@@ -1,0 +1,203 @@
+"""Multirun bookkeeping: a summary that keeps every job's result, and a fair share of the machine per job.
+
+`SweepSummary` (a Hydra callback, see `hydra.callbacks` in conf/train.yaml) appends one row per job to
+`<sweep dir>/summary.csv` the moment the job ends, so a killed sweep still keeps every finished job. When the
+sweep ends it writes `summary.md` (sorted by the objective, best marked, failures with their error) and
+`summary.png`, prints the table, and exits non-zero if any job failed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from fmnist_lab.files import atomic_write, write_json
+
+log = logging.getLogger(__name__)
+COLUMNS = ["job", "status", "objective", "val/acc_best", "test/acc", "test/loss", "epochs", "train_seconds",
+           "overrides", "error", "run_dir"]
+
+
+def is_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def job_row(config: DictConfig, job_return: JobReturn, metric: str) -> dict[str, Any]:
+    """One job's row: its own metrics.json when it got that far, else the exception Hydra caught."""
+    run_dir = Path(config.hydra.runtime.output_dir)
+    metrics_file = run_dir / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    error = metrics.get("error")
+    if job_return.status == JobStatus.FAILED:
+        error = error or f"{type(job_return._return_value).__name__}: {job_return._return_value}"
+    status = "failed" if error or metrics.get("status") == "failed" else "ok"
+    row = {k: metrics.get(k) for k in ("val/acc_best", "test/acc", "test/loss", "epochs", "train_seconds")}
+    return {**row, "job": config.hydra.job.num, "status": status,
+            "objective": metrics.get(metric) if status == "ok" else None,
+            "overrides": " ".join(config.hydra.overrides.task), "error": (error or "").split("\n")[0][:300],
+            "run_dir": str(run_dir)}
+
+
+def append_row(path: Path, row: dict[str, Any]) -> None:
+    """Append one CSV line with a single O_APPEND write, so parallel jobs never interleave their rows."""
+    buffer = io.StringIO()
+    csv.DictWriter(buffer, COLUMNS).writerow(row)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, buffer.getvalue().encode())
+    finally:
+        os.close(fd)
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def ranked(rows: list[dict[str, str]], mode: str) -> list[dict[str, str]]:
+    """Finished jobs by objective (best first), then the failed ones by job number."""
+    def key(row):
+        value = float(row["objective"]) if row["objective"] not in ("", None) else math.nan
+        ok = row["status"] == "ok" and math.isfinite(value)
+        return (not ok, -value if ok and mode == "max" else value if ok else 0.0, int(row["job"]))
+    return sorted(rows, key=key)
+
+
+def markdown(rows: list[dict[str, str]], metric: str) -> str:
+    def fmt(value: str, digits: int = 4) -> str:
+        try:
+            return f"{float(value):.{digits}f}"
+        except ValueError:
+            return value or "-"
+
+    lines = [f"| | job | {metric} | test/acc | test/loss | epochs | train s | overrides | status |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(rows):
+        best = "**best**" if i == 0 and r["status"] == "ok" else ""
+        status = "ok" if r["status"] == "ok" else f"failed: {r['error']}"
+        lines.append(f"| {best} | {r['job']} | {fmt(r['objective'])} | {fmt(r['test/acc'])} | {fmt(r['test/loss'])} "
+                     f"| {r['epochs'] or '-'} | {fmt(r['train_seconds'], 1)} | `{r['overrides']}` | {status} |")
+    return "\n".join(lines) + "\n"
+
+
+def swept_parameters(rows: list[dict[str, str]]) -> dict[str, list[str]]:
+    """key -> value per row, for the override keys whose values differ between jobs."""
+    per_row = [dict(o.split("=", 1) for o in r["overrides"].split() if "=" in o) for r in rows]
+    keys = sorted({k for overrides in per_row for k in overrides})
+    values = {k: [o.get(k, "") for o in per_row] for k in keys}
+    return {k: v for k, v in values.items() if len(set(v)) > 1}
+
+
+def plot(rows: list[dict[str, str]], metric: str, path: Path) -> None:
+    """The objective against each swept parameter: numeric on a (log, for wide ranges) axis, others grouped.
+    The best job is a star; failed jobs are red crosses along the bottom edge, at their parameter value."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if r["status"] == "ok" and r["objective"] not in ("", None)]
+    ys = [float(r["objective"]) for r in done]
+    floor = min(ys) if ys else 0.0
+    params = swept_parameters(rows) or {"job": [r["job"] for r in rows]}
+    fig, axes = plt.subplots(1, len(params), figsize=(4.2 * len(params), 3.6), squeeze=False)
+    for ax, (name, values) in zip(axes[0], params.items(), strict=True):
+        try:
+            positions = [float(v) for v in values]
+            positive = [p for p in positions if p > 0]
+            if len(positive) == len(positions) and max(positive) / min(positive) >= 20:
+                ax.set_xscale("log")  # learning rates and other rates span decades
+        except ValueError:  # categorical: one column of points per value
+            categories = sorted(set(values))
+            positions = [categories.index(v) for v in values]
+            ax.set_xticks(range(len(categories)), categories, rotation=30, ha="right", fontsize=8)
+        x = dict(zip((id(r) for r in rows), positions, strict=True))
+        ax.scatter([x[id(r)] for r in done], ys, label="finished")
+        if done:
+            ax.scatter([x[id(done[0])]], [ys[0]], marker="*", s=250, color="gold", edgecolor="black", label="best")
+        failed = [x[id(r)] for r in rows if r not in done]
+        if failed:
+            ax.scatter(failed, [floor] * len(failed), marker="x", color="red", s=60, label="failed")
+        ax.set_xlabel(name)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+
+
+class SweepSummary(Callback):
+    def __init__(self, metric: str = "val/acc_best", mode: str = "max") -> None:
+        self.metric, self.mode = metric, mode
+        self.earlier_rows = 0
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        path = Path(config.hydra.sweep.dir) / "summary.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.is_file():  # a resumed sweep (same hydra.sweep.dir) keeps appending to its summary
+            path.write_text(",".join(COLUMNS) + "\n")
+        self.earlier_rows = len(read_rows(path))  # the exit code is about this invocation's jobs
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        try:
+            row = job_row(config, job_return, self.metric)
+        except Exception as err:  # Hydra would only warn: never lose the row, say what went wrong in it
+            row = {"job": config.hydra.job.num, "status": "failed", "overrides": " ".join(config.hydra.overrides.task),
+                   "error": f"summary could not read this job's result: {type(err).__name__}: {err}"}
+        append_row(Path(config.hydra.sweep.dir) / "summary.csv", row)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        all_rows = read_rows(sweep_dir / "summary.csv")
+        rows = ranked(all_rows, self.mode)
+        if not rows:
+            return
+        table = markdown(rows, self.metric)
+        text = f"# Sweep {sweep_dir}\n\nObjective: {self.metric} ({self.mode})\n\n{table}"
+        atomic_write(sweep_dir / "summary.md", lambda tmp: tmp.write_text(text))
+        plot(rows, self.metric, sweep_dir / "summary.png")
+        print(f"\n{table}\nsummary: {sweep_dir / 'summary.md'} (and summary.csv, summary.png)")
+        this_run = all_rows[self.earlier_rows:]
+        failed = [r["job"] for r in this_run if r["status"] != "ok"]
+        if failed:
+            raise SystemExit(f"{len(failed)} of {len(this_run)} sweep jobs failed (jobs {', '.join(failed)}); "
+                             f"see {sweep_dir / 'summary.md'}")
+
+
+def record_failure(cfg: DictConfig, err: BaseException) -> None:
+    """Mark the job's metrics.json failed (keeping whatever the job measured) so the summary can say why."""
+    path = Path(cfg.paths.output_dir) / "metrics.json"
+    metrics = json.loads(path.read_text()) if path.is_file() else {}
+    write_json(path, {**metrics, "status": "failed", "error": f"{type(err).__name__}: {err}"})
+
+
+def share_machine(cfg: DictConfig) -> None:
+    """Parallel local jobs (joblib) split the CPU threads; with several GPUs, job k takes GPU k mod n."""
+    import torch
+
+    hydra_cfg = HydraConfig.get()
+    n_jobs = hydra_cfg.launcher.get("n_jobs") if "joblib" in str(hydra_cfg.launcher.get("_target_", "")) else None
+    if n_jobs:
+        cores = os.cpu_count() or 1
+        parallel = cores if n_jobs < 0 else min(n_jobs, cores)
+        torch.set_num_threads(max(1, cores // parallel))
+        log.info(f"{parallel} parallel jobs on {cores} cores: {torch.get_num_threads()} CPU threads for this one")
+    gpus = torch.cuda.device_count()
+    if gpus > 1 and cfg.device != "cpu" and cfg.trainer.get("devices") == 1:
+        cfg.trainer.devices = [hydra_cfg.job.num % gpus]
+        log.info(f"job {hydra_cfg.job.num} on GPU {cfg.trainer.devices[0]} of {gpus}")

@@ -1,0 +1,133 @@
+"""Multirun sweeps with real Hydra launchers and sweepers, in subprocesses, on small synthetic data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import sqlite3
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from conftest import run_cli
+from fmnist_lab.__main__ import config_dir
+
+QUICK = ["debug=limit", "device=cpu", "~callbacks.onnx_export"]
+
+
+def sweep(cwd: Path, *args: str, check: bool = True):
+    result = run_cli(cwd, "-m", *args, check=check)
+    (sweep_dir,) = (cwd / "outputs" / "multirun").glob("*/*")
+    rows = list(csv.DictReader((sweep_dir / "summary.csv").open()))
+    return result, sweep_dir, rows
+
+
+def hparams_session(run_dir: Path) -> tuple[set[str], set[str]]:
+    """Hyperparameter names and metric tags of a run's TensorBoard HPARAMS entry."""
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")
+    data = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
+    session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    return set(session.session_start_info.hparams), {m.name.tag for m in data.experiment.metric_infos}
+
+
+@pytest.mark.slow
+def test_grid_sweep_keeps_every_job_and_fails_loudly_on_a_divergent_one(synthetic_root, tmp_path):
+    result, sweep_dir, rows = sweep(tmp_path, "lr=0.05,10000,0.2", f"data.root={synthetic_root}", "epochs=3",
+                                    *QUICK, check=False)
+    assert result.returncode == 1
+    assert f"1 of 3 sweep jobs failed (jobs 1); see {sweep_dir.relative_to(tmp_path) / 'summary.md'}" in result.stderr
+    assert [r["status"] for r in rows] == ["ok", "failed", "ok"] and rows[1]["overrides"].startswith("lr=10000 ")
+    step = int(re.search(r"training loss became nan by step (\d+) \(epoch 0\)", rows[1]["error"])[1])
+    assert step <= 21  # stopped within the first epoch (21 steps here), not after 3 epochs of NaN
+
+    best = max((r for r in rows if r["status"] == "ok"), key=lambda r: float(r["objective"]))
+    table = (sweep_dir / "summary.md").read_text()
+    assert re.search(rf"\| \*\*best\*\* \| {best['job']} \| {float(best['objective']):.4f} \|", table)
+    assert "failed: FloatingPointError: training loss became nan" in table
+    with Image.open(sweep_dir / "summary.png") as png:
+        assert png.format == "PNG" and png.size[0] > 200
+    for row in rows:
+        metrics = json.loads((Path(row["run_dir"]) / "metrics.json").read_text())
+        assert metrics.get("status", "ok") == row["status"]
+
+    params, metric_tags = hparams_session(Path(best["run_dir"]))
+    assert {"lr", "batch_size", "optimizer/momentum"} <= params
+    assert {"hp/test_acc", "hp/val_acc_best"} <= metric_tags
+
+
+@pytest.mark.slow
+def test_joblib_runs_jobs_in_parallel_with_split_threads(synthetic_root, tmp_path):
+    _, _, rows = sweep(tmp_path, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "lr=0.01,0.1",
+                       f"data.root={synthetic_root}", *QUICK)
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    metrics = [json.loads((Path(r["run_dir"]) / "metrics.json").read_text()) for r in rows]
+    assert all(m["cpu_threads"] == max(1, (os.cpu_count() or 1) // 2) for m in metrics)
+    (a_start, a_end), (b_start, b_end) = [(datetime.fromisoformat(m["started"]),
+                                           datetime.fromisoformat(m["finished"])) for m in metrics]
+    assert a_start <= b_end and b_start <= a_end  # the two jobs overlapped in time
+
+
+@pytest.mark.slow
+def test_submitit_local_launcher_runs_jobs(synthetic_root, tmp_path):
+    _, sweep_dir, rows = sweep(tmp_path, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
+                               "lr=0.05,0.1", f"data.root={synthetic_root}", *QUICK)
+    assert [r["status"] for r in rows] == ["ok", "ok"] and (sweep_dir / ".submitit").is_dir()
+
+
+@pytest.mark.slow
+def test_optuna_search_survives_a_diverging_trial_and_resumes_from_its_storage(synthetic_root, tmp_path):
+    sweep_dir = tmp_path / "search"
+    common = ["hparams_search=optuna", f"hydra.sweep.dir={sweep_dir}", f"data.root={synthetic_root}", *QUICK]
+    # every trial of this first run diverges, whatever Optuna proposes: a failed trial, not a crash
+    first = run_cli(tmp_path, "-m", *common, "hydra.sweeper.n_trials=1", "hydra.sweeper.n_jobs=1",
+                    "hydra.sweeper.max_failure_rate=1.0", "optimizer.lr=10000", check=False)
+    assert first.returncode == 1 and "1 of 1 sweep jobs failed" in first.stderr
+    assert "Traceback" not in first.stderr
+    run_cli(tmp_path, "-m", *common, "hydra.sweeper.n_trials=2")  # continues the same study
+
+    with sqlite3.connect(sweep_dir / "optuna.db") as db:
+        states = [s for (s,) in db.execute("select state from trials order by number")]
+    assert states == ["FAIL", "COMPLETE", "COMPLETE"]
+    rows = list(csv.DictReader((sweep_dir / "summary.csv").open()))
+    assert [r["status"] for r in rows] == ["failed", "ok", "ok"] and len({r["run_dir"] for r in rows}) == 3
+    assert "**best**" in (sweep_dir / "summary.md").read_text()
+
+
+def test_slurm_launcher_config_composes_into_valid_sbatch_options(tmp_path, monkeypatch):
+    import submitit
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    from omegaconf import OmegaConf
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
+                                          "hydra.launcher.timeout_min=120", "hydra.launcher.mem_gb=32",
+                                          f"hydra.sweep.dir={tmp_path}"], return_hydra_config=True)
+    launcher = instantiate(cfg.hydra.launcher)
+    assert type(launcher).__name__ == "SlurmLauncher"
+
+    # submitit wants `srun` on PATH before it builds a SLURM executor; a stub stands in for the cluster
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "srun").write_text("#!/bin/sh\n")
+    (tmp_path / "bin" / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    # what SlurmLauncher.launch does with its parameters before submitting (hydra-submitit-launcher 1.2)
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    params = {k if k in base else f"slurm_{k}": v for k, v in launcher.params.items()
+              if k not in ("submitit_folder", "max_num_timeout")}
+    executor = submitit.AutoExecutor(folder=tmp_path, cluster="slurm")
+    executor.update_parameters(**params)  # raises on any option SLURM does not know
+    sbatch = _make_sbatch_string(command="python -m fmnist_lab", folder=tmp_path, **executor._executor.parameters)
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --time=120", "#SBATCH --mem=32GB", "#SBATCH --gpus-per-node=1",
+                 "#SBATCH --cpus-per-task=8"):
+        assert line in sbatch
