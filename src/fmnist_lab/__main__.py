@@ -10,7 +10,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from fmnist_lab.config import register
+
 log = logging.getLogger(__name__)
+register()  # the typed schema conf/train.yaml builds on
 
 
 def config_dir() -> str:
@@ -23,20 +26,31 @@ def config_dir() -> str:
 def main(cfg: DictConfig) -> float | None:
     """One job. Returns the objective for sweepers: `optimized_metric`, or None for a failed job."""
     # Heavy imports here, not at the top, so `--help` and config errors answer at once.
-    from fmnist_lab.data import DataError
+    from fmnist_lab.config import ConfigError, validate
     from fmnist_lab.sweep import is_multirun, record_failure, share_machine
-    from fmnist_lab.train import ArtifactError, train
 
     if not is_multirun():
         try:
+            validate(cfg)
+            from fmnist_lab.data import DataError
+            from fmnist_lab.train import ArtifactError, train
+
             metrics = train(cfg)
-        except (DataError, ArtifactError) as err:
+        except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(1) from None
+        except (DataError, ArtifactError, FloatingPointError) as err:
+            record_failure(cfg, err)
+            print(f"error: {err}\nThe run is marked failed in {Path(cfg.paths.output_dir) / 'metrics.json'}; "
+                  "its checkpoints (the last good epoch) are kept.", file=sys.stderr)
             raise SystemExit(1) from None
         return metrics.get(cfg.get("optimized_metric"))
 
     share_machine(cfg)
     try:
+        validate(cfg)
+        from fmnist_lab.train import train
+
         value = train(cfg).get(cfg.get("optimized_metric"))
     except Exception as err:  # one job's failure must not end the sweep: record it, report it, go on
         record_failure(cfg, err)

@@ -1,0 +1,54 @@
+"""Bad input stops a run before any work, with one paragraph naming the key or file, and exit code 1."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_cli
+
+BAD_CONFIG = [
+    ("epochs=0", "epochs=0", "at least 1"),
+    ("epochs=ten", "full_key: epochs", "could not be converted to Integer"),
+    ("lr=-0.1", "lr=-0.1", "finite number > 0"),
+    ("lr=nan", "lr=nan", "finite number > 0"),
+    ("optimizer.lr=0", "optimizer.lr=0", "finite number > 0"),
+    ("batch_size=0", "batch_size=0", "from 1 to the 55,000 training images"),
+    ("batch_size=70000", "batch_size=70000", "from 1 to the 55,000 training images"),
+    ("data.val_size=60000", "data.val_size=60000", "1..59999"),
+    ("model.hidden=[512,0]", "model.hidden=[512, 0]", "positive integers"),
+    ("model.dropout=1.5", "model.dropout=1.5", "0 <= model.dropout < 1"),
+    ("device=tpu", "device='tpu'", "auto, cpu, gpu"),
+    ("optimizer=sgdd", "Could not find 'optimizer/sgdd'", "adam\n\tadamw\n\tsgd"),
+    ("data.backend=disk", "data.backend='disk'", "data.backend=device"),
+]
+
+
+@pytest.mark.parametrize(("override", "names", "explains"), BAD_CONFIG, ids=[b[0] for b in BAD_CONFIG])
+def test_bad_config_is_one_clear_error(tmp_path, override, names, explains):
+    result = run_cli(tmp_path, override, "device=cpu" if "device" not in override else "seed=1", check=False)
+    assert result.returncode == 1
+    assert names in result.stderr and explains in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("*.ckpt"))
+
+
+def test_gpu_without_a_gpu_is_an_error_not_a_cpu_run(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU, so device=gpu is valid here")
+    result = run_cli(tmp_path, "device=gpu", check=False)
+    assert result.returncode == 1 and "device='gpu'" in result.stderr and "device=cpu" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_diverging_run_stops_early_and_is_marked_failed(synthetic_root, tmp_path):
+    result = run_cli(tmp_path, f"data.root={synthetic_root}", "lr=1e4", "epochs=5", "device=cpu", "logger=none",
+                     "~callbacks.onnx_export", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "training loss became nan by step 50 (epoch 0)" in result.stderr and "smaller `lr`" in result.stderr
+    (metrics_file,) = (tmp_path / "outputs").rglob("metrics.json")
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["status"] == "failed" and "FloatingPointError" in metrics["error"]
