@@ -18,7 +18,9 @@ from conftest import compose_cfg, run_cli
 from fmnist_lab import load_model
 from fmnist_lab.callbacks import OnnxExport, verify_onnx
 from fmnist_lab.data import CLASSES, FashionMNISTDataModule, load_split
+from fmnist_lab.evaluate import evaluate
 from fmnist_lab.model import MLP, Classifier, UnsafeFileError, freeze, save_weights, warm_start
+from fmnist_lab.predict import main as predict_main
 from fmnist_lab.train import train
 
 NET = {"_target_": "fmnist_lab.model.MLP", "hidden": [32]}
@@ -124,10 +126,11 @@ def test_partial_warm_start_and_freeze_options(tmp_path):
 def test_evaluate_matches_the_runs_test_accuracy(real_run, tmp_path):
     run, _ = real_run
     recorded = json.loads((run / "metrics.json").read_text())["test/acc"]
-    for target in (run, run / "checkpoints" / "best.ckpt"):
-        out = run_cli(tmp_path, f"run={target}", "device=cpu", module="fmnist_lab.evaluate").stdout
-        accuracy = float(out.split("test/acc ")[1].split()[0])
-        assert abs(accuracy - recorded) <= 0.001 and "10,000 test images" in out
+    out = run_cli(tmp_path, f"run={run}", "device=cpu", module="fmnist_lab.evaluate").stdout
+    accuracy = float(out.split("test/acc ")[1].split()[0])
+    assert abs(accuracy - recorded) <= 0.001 and "10,000 test images" in out and "the run recorded" in out
+    from_checkpoint = evaluate(run / "checkpoints" / "best.ckpt", device="cpu")  # in-process: quicker
+    assert abs(from_checkpoint["test/acc"] - recorded) <= 0.001 and from_checkpoint["count"] == 10_000
 
 
 @pytest.fixture(scope="module")
@@ -142,10 +145,10 @@ def test_pngs(real_root, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model_file", ["model.onnx", "", "model_weights.pth", "checkpoints/best.ckpt"])
-def test_predict_real_images(real_run, test_pngs, tmp_path, model_file):
+def test_predict_real_images(real_run, test_pngs, capsys, model_file):
     run, _ = real_run
-    result = run_cli(tmp_path, f"model={run / model_file}", str(test_pngs), "--json", module="fmnist_lab.predict")
-    predictions = json.loads(result.stdout)
+    assert predict_main([f"model={run / model_file}", str(test_pngs), "--json"]) == 0  # in-process: quicker
+    predictions = json.loads(capsys.readouterr().out)
     assert len(predictions) == 40 and all(len(p["top_k"]) == 3 for p in predictions)
     correct = sum(CLASSES.index(p["class"]) == int(p["file"].rsplit("_", 1)[1][0]) for p in predictions)
     assert correct >= 32  # a 1-epoch model gets ~85%

@@ -50,7 +50,7 @@ def test_short_keys_reach_the_groups(tmp_path):
 def test_default_run_writes_best_and_last_checkpoints(tmp_path):
     cfg = compose_cfg(output_dir=tmp_path)
     _, _, trainer = build(cfg)
-    (checkpoint,) = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]
+    (checkpoint,) = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor]
     assert (checkpoint.dirpath, checkpoint.monitor, checkpoint.mode) == (str(tmp_path / "checkpoints"), "val/acc",
                                                                         "max")
     assert checkpoint.filename == "best" and checkpoint.save_last

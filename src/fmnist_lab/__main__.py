@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fmnist_lab.config import register
 
@@ -26,25 +27,11 @@ def config_dir() -> str:
 def main(cfg: DictConfig) -> float | None:
     """One job. Returns the objective for sweepers: `optimized_metric`, or None for a failed job."""
     # Heavy imports here, not at the top, so `--help` and config errors answer at once.
-    from fmnist_lab.config import ConfigError, validate
+    from fmnist_lab.config import validate
     from fmnist_lab.sweep import is_multirun, record_failure, share_machine
 
     if not is_multirun():
-        try:
-            validate(cfg)
-            from fmnist_lab.data import DataError
-            from fmnist_lab.train import ArtifactError, train
-
-            metrics = train(cfg)
-        except ConfigError as err:
-            print(f"error: {err}", file=sys.stderr)
-            raise SystemExit(1) from None
-        except (DataError, ArtifactError, FloatingPointError) as err:
-            record_failure(cfg, err)
-            print(f"error: {err}\nThe run is marked failed in {Path(cfg.paths.output_dir) / 'metrics.json'}; "
-                  "its checkpoints (the last good epoch) are kept.", file=sys.stderr)
-            raise SystemExit(1) from None
-        return metrics.get(cfg.get("optimized_metric"))
+        return single_run(cfg)
 
     share_machine(cfg)
     try:
@@ -57,6 +44,41 @@ def main(cfg: DictConfig) -> float | None:
         log.error(f"job failed: {type(err).__name__}: {err}")
         return None  # Optuna counts a trial without a value as failed
     return value if value is not None and math.isfinite(value) else None
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def single_run(cfg: DictConfig) -> float | None:
+    """A run from the command line: known problems end in one paragraph and exit code 1, no traceback."""
+    from fmnist_lab.config import ConfigError, validate
+    from fmnist_lab.sweep import record_failure
+
+    try:
+        validate(cfg)
+    except ConfigError as err:
+        fail(str(err))
+    from fmnist_lab.data import DataError
+    from fmnist_lab.train import ArtifactError, ResumeError, train
+
+    try:
+        if cfg.resume is None:
+            metrics = train(cfg)
+        else:  # continue with the config the run was started with (Hydra has put us in its directory)
+            original = OmegaConf.load(Path(cfg.paths.output_dir) / ".hydra" / "config.yaml")
+            others = [o for o in HydraConfig.get().overrides.task if not o.startswith("resume=")]
+            if others:
+                log.warning(f"resume uses the run's own config; ignoring {' '.join(others)}")
+            metrics = train(original, resume=True)
+    except ResumeError as err:
+        fail(str(err))
+    except (DataError, ArtifactError, FloatingPointError) as err:
+        record_failure(cfg, err)
+        fail(f"{err}\nThe run is marked failed in {Path(cfg.paths.output_dir) / 'metrics.json'}; its checkpoints "
+             "(up to the last good epoch) are kept.")
+    return metrics.get(cfg.get("optimized_metric"))
 
 
 if __name__ == "__main__":

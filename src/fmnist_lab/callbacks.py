@@ -13,6 +13,8 @@ import lightning.pytorch as pl
 import onnx
 import torch
 from lightning.pytorch.callbacks import Callback, RichProgressBar
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import fmnist_lab
 from fmnist_lab.data import CLASSES
@@ -22,6 +24,9 @@ from fmnist_lab.model import INPUT_DESCRIPTION
 
 class EpochLog(Callback):
     """One line per epoch for logs and pipes, where a live progress bar would only add noise."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = time.perf_counter()  # a resumed mid-epoch run gets no on_train_epoch_start first
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start = time.perf_counter()
@@ -60,6 +65,30 @@ class EpochTimer(Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._stop(pl_module)  # epochs without validation
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints go to a temporary file that is renamed into place: a kill in the middle of a save never
+    leaves a truncated last.ckpt (Lightning's own save writes the final path directly)."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(Path(path), lambda tmp: torch.save(checkpoint, tmp))
+
+
+class SaveOnInterrupt(Callback):
+    """Ctrl-C or SIGTERM during training: save `last.ckpt` where training stopped, say how to resume."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = Path(dirpath)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, KeyboardInterrupt | SIGTERMException) or trainer.state.fn != "fit":
+            return
+        path = self.dirpath / "last.ckpt"
+        trainer.save_checkpoint(path)
+        print(f"\nInterrupted at step {trainer.global_step} (epoch {trainer.current_epoch + 1}); saved {path}.\n"
+              f"Continue with: python -m fmnist_lab resume={self.dirpath.parent}", file=sys.stderr, flush=True)
 
 
 def progress(refresh_rate: int = 10) -> Callback:

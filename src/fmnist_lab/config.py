@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 TRAIN_IMAGES = 60_000
 DEVICES = ("auto", "cpu", "gpu")
@@ -43,7 +45,31 @@ class TrainConfig:
 
 
 def register() -> None:
+    """The schema, and the resolvers that send `resume=...` back into the run's own directory."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    OmegaConf.register_new_resolver("run_dir", run_dir, replace=True)
+    OmegaConf.register_new_resolver("config_subdir", config_subdir, replace=True)
+
+
+def find_run(resume: str, log_dir: str) -> Path | None:
+    """The run directory that `resume` names (`latest`: the newest run under log_dir), or None."""
+    if resume == "latest":  # run folders are named <date>/<time>, so the name order is the start order
+        runs = sorted(p.parent.parent for p in Path(log_dir).glob("*/*/checkpoints/last.ckpt"))
+        return runs[-1].resolve() if runs else None
+    return Path(resume).resolve() if (Path(resume) / ".hydra" / "config.yaml").is_file() else None
+
+
+def run_dir(resume: str | None, log_dir: str, fresh: str) -> str:
+    """Hydra's run directory: the run that `resume` names, else a new `<log_dir>/<date>/<time>` (also when
+    `resume` names nothing: `validate` then stops with the error, which a resolver could only print as a
+    traceback)."""
+    found = find_run(resume, log_dir) if resume is not None else None
+    return str(found) if found else f"{log_dir}/{fresh}"
+
+
+def config_subdir(resume: str | None) -> str:
+    """Where Hydra saves the config: a resumed run keeps the original `.hydra/` and adds its own below it."""
+    return ".hydra" if resume is None else f".hydra/resumed-{datetime.now():%Y-%m-%d_%H-%M-%S}"
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -53,6 +79,12 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Check every value a run depends on, before any data is read or any process started."""
+    if cfg.get("resume") is not None:
+        latest = f"No run under {cfg.paths.log_dir}/ has a checkpoint to continue from. "
+        _check(find_run(cfg.resume, cfg.paths.log_dir) is not None, "resume", cfg.resume,
+               (latest if cfg.resume == "latest" else "That is not a run directory (no .hydra/config.yaml). ")
+               + f"Give the folder of a run (e.g. {cfg.paths.log_dir}/2026-01-31/12-00-00) or resume=latest.")
+        return  # a resumed run uses the config it was started with, checked back then
     _check(cfg.device in DEVICES, "device", cfg.device, f"Use one of {', '.join(DEVICES)} (e.g. device=cpu).")
     if cfg.device == "gpu":
         import torch

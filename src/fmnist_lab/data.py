@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import gzip
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -115,9 +115,10 @@ class DeviceBatches:
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool = False,
-                 drop_last: bool = False, seed: int = 0) -> None:
+                 drop_last: bool = False, seed: int = 0, batches_done: Callable[[], int] | None = None) -> None:
         self.images, self.labels = images, labels
         self.batch_size, self.shuffle, self.drop_last, self.seed = batch_size, shuffle, drop_last, seed
+        self.batches_done = batches_done  # asked at each pass: how many batches of this epoch to skip
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -141,7 +142,8 @@ class DeviceBatches:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(len(self.labels), generator=generator).to(self.labels.device)
             self.epoch += 1
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
+        skip = self.batches_done() if self.batches_done else 0  # resuming in the middle of this epoch
+        for start in range(skip * self.batch_size, len(self) * self.batch_size, self.batch_size):
             index = slice(start, start + self.batch_size) if order is None else order[start:start + self.batch_size]
             # uint8 at rest, float per batch: 4x less memory than a float copy of the split, same values
             yield to_float(self.images[index]), self.labels[index]
@@ -214,8 +216,8 @@ class FashionMNISTDataModule(pl.LightningDataModule):
         # overfit_batches means "the same few batches every epoch": no shuffling then.
         shuffle = train and not (self.trainer and self.trainer.overfit_batches)
         if self.backend == "device":
-            return DeviceBatches(images, labels, batch_size, shuffle=shuffle,
-                                 drop_last=train and self.drop_last, seed=self.seed)
+            return DeviceBatches(images, labels, batch_size, shuffle=shuffle, drop_last=train and self.drop_last,
+                                 seed=self.seed, batches_done=self._batches_done if train else None)
         from torchvision import transforms
 
         transform = transforms.Compose([*(self.augment if train else []), transforms.ToTensor()])
@@ -223,6 +225,12 @@ class FashionMNISTDataModule(pl.LightningDataModule):
                           shuffle=shuffle, drop_last=train and self.drop_last, num_workers=self.num_workers,
                           pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
                           generator=torch.Generator().manual_seed(self.seed) if shuffle else None)
+
+    def _batches_done(self) -> int:
+        """After a resume from a mid-epoch checkpoint, the batches of that epoch already trained. The epoch's
+        order depends only on (seed, epoch), so skipping them continues exactly where training stopped."""
+        loop = self.trainer.fit_loop if self.trainer else None
+        return loop.epoch_loop.batch_progress.current.completed if loop and loop.restarted_mid_epoch else 0
 
     def train_dataloader(self):
         return self._loader("train", train=True)

@@ -142,6 +142,24 @@ class Classifier(pl.LightningModule):
         for metric in (self.test_acc, self.test_loss):
             metric.reset()
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # What Lightning leaves out but an exact resume needs: the RNG streams (dropout) and the best so far.
+        checkpoint["rng"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+        if self.val_acc_best.update_called:
+            checkpoint["val_acc_best"] = float(self.val_acc_best.compute())
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        rng = checkpoint.get("rng", {})
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        if "val_acc_best" in checkpoint:
+            self.val_acc_best.reset()
+            self.val_acc_best.update(torch.tensor(checkpoint["val_acc_best"]))
+
     def configure_optimizers(self):
         # Frozen parameters stay out of the optimizer, so weight decay and momentum cannot move them.
         params = [p for p in self.parameters() if p.requires_grad]

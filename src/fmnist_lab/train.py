@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
+import signal
 import time
 import warnings
 from datetime import datetime
@@ -15,10 +17,12 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.callbacks.progress import ProgressBar
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 import fmnist_lab
+from fmnist_lab.callbacks import AtomicCheckpointIO
 from fmnist_lab.data import CLASSES
 from fmnist_lab.files import write_json
 from fmnist_lab.model import Classifier, freeze, parameter_counts, save_weights, warm_start
@@ -29,6 +33,10 @@ INIT_KEYS = {"init_from": None, "init_strict": True, "freeze": []}
 
 class ArtifactError(RuntimeError):
     """An artifact failed its check (e.g. ONNX verification); the run's other outputs are kept."""
+
+
+class ResumeError(RuntimeError):
+    """A run cannot be continued: no checkpoint, or a damaged one."""
 
 
 def plain(node: Any) -> Any:
@@ -44,9 +52,15 @@ def quiet_libraries() -> None:
     for name in ("onnx_ir", "onnxscript"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning-internal
+    # On resume: DeviceBatches does continue mid-epoch (FashionMNISTDataModule._batches_done), and the run's own
+    # checkpoint folder is expected to be there.
+    warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable")
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
-def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, Classifier, pl.Trainer]:
+def build(cfg: DictConfig, purge_step: int | None = None) -> tuple[pl.LightningDataModule, Classifier, pl.Trainer]:
+    """Data module, model and trainer from the config. `purge_step` (on resume): TensorBoard drops what an
+    interrupted run logged at or after this step, so the continued curves have no duplicated steps."""
     datamodule = instantiate(cfg.data)
     net_config = plain(cfg.model)
     # How to initialize and what to freeze belong to this run, not to the architecture a checkpoint records.
@@ -60,33 +74,63 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, Classifier, pl.Train
     if frozen:
         log.info(f"model.freeze: froze {', '.join(freeze(model.net, frozen))}")
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+    # TensorBoard drops events at steps >= purge_step: everything logged after the checkpoint was taken
+    loggers = [instantiate(c, **({"purge_step": purge_step + 1} if purge_step and "TensorBoard" in c._target_ else {}))
+               for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
+    trainer_cfg = {k: v for k, v in cfg.trainer.items() if k != "ckpt_every_n_steps"}  # read by a callback
+    trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()],
                           enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
                           enable_model_summary=False)
     return datamodule, model, trainer
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one job and return its metrics (also written to `<run dir>/metrics.json`)."""
+def resume_point(out: Path) -> tuple[Path, int]:
+    """checkpoints/last.ckpt of an unfinished run and its global step; a clear error if there is none."""
+    last = out / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        raise ResumeError(f"resume: {out} has no checkpoints/last.ckpt (it stopped before its first checkpoint), "
+                          "so there is nothing to continue; start a new run with the same overrides instead.")
+    try:
+        return last, int(torch.load(last, map_location="cpu", weights_only=True)["global_step"])
+    except Exception as err:
+        raise ResumeError(f"resume: {last} cannot be read ({type(err).__name__}: {err}). It is damaged; "
+                          "checkpoints/best.ckpt may still be intact, or start a new run.") from err
+
+
+def train(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
+    """Run one job and return its metrics (also written to `<run dir>/metrics.json`). With `resume`, continue
+    the run in cfg.paths.output_dir from its last.ckpt: same directory, same TensorBoard run, same counters."""
     out = Path(cfg.paths.output_dir)  # Hydra's run dir; we never chdir into it
     out.mkdir(parents=True, exist_ok=True)
     quiet_libraries()
+    ckpt_path, purge_step = None, None
+    if resume:
+        done = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").is_file() else {}
+        if done and done.get("status") != "failed":
+            print(f"{out} already finished ({done['epochs']} epochs, test/acc {done['test/acc']:.4f}); "
+                  "nothing to resume.")
+            return done
+        ckpt_path, purge_step = resume_point(out)
+        log.info(f"resuming {out} from {ckpt_path} (step {purge_step})")
     if cfg.seed is not None:  # `if cfg.seed` would silently drop seed=0
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule, model, trainer = build(cfg)
+    datamodule, model, trainer = build(cfg, purge_step)
     params = parameter_counts(model.net)
     log.info("parameters: {total:,} total, {trainable:,} trainable, {frozen:,} frozen".format(**params))
 
     started = datetime.now().astimezone().isoformat(timespec="seconds")
     start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except SIGTERMException:  # SaveOnInterrupt has saved last.ckpt; exit non-zero like a killed process
+        raise SystemExit(128 + signal.SIGTERM) from None
     train_seconds = time.perf_counter() - start
 
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if isinstance(checkpoint, ModelCheckpoint) else ""
     # The test set is touched once, after training, by the checkpoint with the best validation accuracy.
-    (test,) = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+    (test,) = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False,
+                           weights_only=True)
 
     metrics = {
         "test/acc": test["test/acc"],
@@ -97,6 +141,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "train_seconds": round(train_seconds, 3),
         "best_checkpoint": best or None,
         "params": params,
+        "resumed_from_step": purge_step,
         "seed": cfg.seed,
         "device": str(trainer.strategy.root_device),
         "cpu_threads": torch.get_num_threads(),
