@@ -59,8 +59,8 @@ def quiet_libraries() -> None:
 
 
 def build(cfg: DictConfig, purge_step: int | None = None) -> tuple[pl.LightningDataModule, Classifier, pl.Trainer]:
-    """Data module, model and trainer from the config. `purge_step` (on resume): TensorBoard drops what an
-    interrupted run logged at or after this step, so the continued curves have no duplicated steps."""
+    """Data module, model and trainer from the config. `purge_step` (on resume, the checkpoint's step):
+    TensorBoard drops what the interrupted run logged after it, so the continued curves repeat no step."""
     datamodule = instantiate(cfg.data)
     net_config = plain(cfg.model)
     # How to initialize and what to freeze belong to this run, not to the architecture a checkpoint records.
@@ -74,7 +74,7 @@ def build(cfg: DictConfig, purge_step: int | None = None) -> tuple[pl.LightningD
     if frozen:
         log.info(f"model.freeze: froze {', '.join(freeze(model.net, frozen))}")
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
-    # TensorBoard drops events at steps >= purge_step: everything logged after the checkpoint was taken
+    # SummaryWriter's purge_step drops events at steps >= it: those logged after the checkpoint was taken
     loggers = [instantiate(c, **({"purge_step": purge_step + 1} if purge_step and "TensorBoard" in c._target_ else {}))
                for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
     trainer_cfg = {k: v for k, v in cfg.trainer.items() if k != "ckpt_every_n_steps"}  # read by a callback
