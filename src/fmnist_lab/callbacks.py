@@ -10,7 +10,6 @@ import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
-import onnx
 import torch
 from lightning.pytorch.callbacks import Callback, RichProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -142,6 +141,8 @@ def first_images(loader, count: int) -> torch.Tensor:
 
 
 def export_onnx(net: torch.nn.Module, path: Path, extra_metadata: dict[str, str], opset: int | None = None) -> None:
+    import onnx  # here, not at the top: runs without the export never load it
+
     example = torch.rand(2, 1, 28, 28)
     program = torch.onnx.export(net, (example,), dynamo=True, input_names=["image"], output_names=["logits"],
                                 dynamic_shapes={"x": {0: "batch"}}, external_data=False, opset_version=opset,
@@ -156,6 +157,7 @@ def export_onnx(net: torch.nn.Module, path: Path, extra_metadata: dict[str, str]
 
 
 def verify_onnx(net: torch.nn.Module, path: Path, images: torch.Tensor, atol: float = 1e-4) -> dict:
+    import onnx
     import onnxruntime as ort
 
     result: dict = {"path": str(path), "checker": False, "max_abs_diff": None, "argmax_equal": False,

@@ -72,7 +72,9 @@ def read_idx(path: Path, magic: int) -> torch.Tensor:
             dims = (count,)
             if magic == IMAGE_MAGIC:
                 size = f.read(8)
-                rows, cols = struct.unpack(">II", size) if len(size) == 8 else (0, 0)
+                if len(size) < 8:
+                    raise DataError(f"{path} is truncated: its header is incomplete. {HOW_TO_GET}")
+                rows, cols = struct.unpack(">II", size)
                 if (rows, cols) != (28, 28):
                     raise DataError(f"{path} holds {rows}x{cols} images; FashionMNIST images are 28x28.")
                 dims = (count, 28, 28)
