@@ -6,8 +6,9 @@ loops over device-resident batches, and fmnist_lab as users run it.
 
 Every pipeline runs in its own process, one after the other and alternating over `--rounds`, so each gets
 the same machine and its own peak memory. s/epoch is the median over epochs 2..N of all rounds (epoch 1
-pays for warm-up). All pipelines train on the same 55,000 images (the official train split less the
-validation set) and report accuracy on the 10,000 test images.
+pays for warm-up); `process s` is the whole process (start-up, data, training, evaluation and, for
+fmnist_lab, checkpoints, test and ONNX export). All pipelines train on the same 55,000 images (the official
+train split less the validation set) and report accuracy on the 10,000 test images.
 """
 
 from __future__ import annotations
@@ -240,9 +241,11 @@ def run_one(name: str, args, workdir: Path) -> dict:
         command = [sys.executable, __file__, "--child", name, "--result", str(result_file), *common]
         command += ["--root", args.root] if args.root else []
         command += ["--limit", str(args.limit)] if args.limit else []
+    start = time.perf_counter()
     with open(workdir / f"{name}.log", "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
         _, status, usage = os.wait4(process.pid, 0)  # this child's own peak memory
+    seconds = time.perf_counter() - start  # the whole process: start-up, training, evaluation, files
     if os.waitstatus_to_exitcode(status) != 0:
         tail = (workdir / f"{name}.log").read_text()[-2000:]
         raise SystemExit(f"bench: pipeline {name} failed:\n{tail}")
@@ -251,7 +254,7 @@ def run_one(name: str, args, workdir: Path) -> dict:
         result = {"epoch_seconds": metrics["epoch_seconds"], "test_acc": metrics["test/acc"], "cuda_peak_bytes": None}
     else:
         result = json.loads(result_file.read_text())
-    result["rss_peak_kb"] = usage.ru_maxrss
+    result["rss_peak_kb"], result["process_seconds"] = usage.ru_maxrss, seconds
     return result
 
 
@@ -261,13 +264,14 @@ def table(results: dict[str, list[dict]], args) -> str:
         later = [t for r in runs for t in (r["epoch_seconds"][1:] or r["epoch_seconds"])]
         medians[name] = statistics.median(later)
     images = min(args.limit * args.batch_size, TRAIN_IMAGES) if args.limit else TRAIN_IMAGES
-    header = ("| pipeline | s/epoch (median) | samples/s | vs (c) raw | vs (d) graph | peak RSS MB | peak CUDA MB "
-              "| test acc |\n|---|---|---|---|---|---|---|---|")
+    header = ("| pipeline | s/epoch (median) | samples/s | vs (c) raw | vs (d) graph | process s | peak RSS MB "
+              "| peak CUDA MB | test acc |\n|---|---|---|---|---|---|---|---|---|")
     for name, runs in results.items():
         m = medians[name]
         cuda = max((r["cuda_peak_bytes"] or 0) for r in runs)
         graph = f"{m / medians['raw_graph']:.2f}x" if "raw_graph" in medians else "n/a"
         rows.append(f"| {PIPELINES[name]} | {m:.3f} | {images / m:,.0f} | {m / medians['raw']:.2f}x | {graph} | "
+                    f"{statistics.median(r['process_seconds'] for r in runs):.1f} | "
                     f"{max(r['rss_peak_kb'] for r in runs) / 1024:.0f} | {f'{cuda / 2**20:.0f}' if cuda else 'n/a'} | "
                     f"{statistics.mean(r['test_acc'] for r in runs):.4f} |")
     return "\n".join([header, *rows])

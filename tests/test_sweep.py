@@ -11,14 +11,11 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from conftest import run_cli
-from fmnist_lab.__main__ import config_dir
 
 QUICK = ["debug=limit", "device=cpu", "~callbacks.onnx_export"]
 
@@ -102,33 +99,3 @@ def test_optuna_search_survives_a_diverging_trial_and_resumes_from_its_storage(s
     rows = list(csv.DictReader((sweep_dir / "summary.csv").open()))
     assert [r["status"] for r in rows] == ["failed", "ok", "ok"] and len({r["run_dir"] for r in rows}) == 3
     assert "**best**" in (sweep_dir / "summary.md").read_text()
-
-
-def test_slurm_launcher_config_composes_into_valid_sbatch_options(tmp_path, monkeypatch):
-    import submitit
-    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
-    from omegaconf import OmegaConf
-    from submitit.slurm.slurm import _make_sbatch_string
-
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose("train", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
-                                          "hydra.launcher.timeout_min=120", "hydra.launcher.mem_gb=32",
-                                          f"hydra.sweep.dir={tmp_path}"], return_hydra_config=True)
-    launcher = instantiate(cfg.hydra.launcher)
-    assert type(launcher).__name__ == "SlurmLauncher"
-
-    # submitit wants `srun` on PATH before it builds a SLURM executor; a stub stands in for the cluster
-    (tmp_path / "bin").mkdir()
-    (tmp_path / "bin" / "srun").write_text("#!/bin/sh\n")
-    (tmp_path / "bin" / "srun").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
-    # what SlurmLauncher.launch does with its parameters before submitting (hydra-submitit-launcher 1.2)
-    base = set(OmegaConf.structured(BaseQueueConf).keys())
-    params = {k if k in base else f"slurm_{k}": v for k, v in launcher.params.items()
-              if k not in ("submitit_folder", "max_num_timeout")}
-    executor = submitit.AutoExecutor(folder=tmp_path, cluster="slurm")
-    executor.update_parameters(**params)  # raises on any option SLURM does not know
-    sbatch = _make_sbatch_string(command="python -m fmnist_lab", folder=tmp_path, **executor._executor.parameters)
-    for line in ("#SBATCH --partition=gpu", "#SBATCH --time=120", "#SBATCH --mem=32GB", "#SBATCH --gpus-per-node=1",
-                 "#SBATCH --cpus-per-task=8"):
-        assert line in sbatch

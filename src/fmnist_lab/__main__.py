@@ -38,7 +38,9 @@ def main(cfg: DictConfig) -> float | None:
         validate(cfg)
         from fmnist_lab.train import train
 
-        value = train(cfg).get(cfg.get("optimized_metric"))
+        # A requeued SLURM job (preempted, or out of time) starts again in its own directory: continue there.
+        requeued = (Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt").is_file()
+        value = train(cfg, resume=requeued).get(cfg.get("optimized_metric"))
     except Exception as err:  # one job's failure must not end the sweep: record it, report it, go on
         record_failure(cfg, err)
         log.error(f"job failed: {type(err).__name__}: {err}")

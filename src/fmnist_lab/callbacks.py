@@ -31,6 +31,8 @@ class EpochLog(Callback):
         self._start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:  # one line per epoch, not one per DDP process
+            return
         # Validation has run by now (it ends each training epoch), so its metrics are current.
         m = trainer.callback_metrics
         val = "".join(f" {k} {float(m[k]):.4f}" for k in ("val/acc", "val/loss") if k in m)
@@ -75,6 +77,24 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_write(Path(path), lambda tmp: torch.save(checkpoint, tmp))
 
 
+class StepCheckpoint(Callback):
+    """`last.ckpt` also every `every_n_steps` optimizer steps (0: never), for long epochs. One Lightning batch
+    may hold several steps (`data.group_batches`), so it saves when a multiple of n has been passed, where
+    ModelCheckpoint(every_n_train_steps=n) would wait for an exact multiple that a group can skip."""
+
+    def __init__(self, dirpath: str, every_n_steps: int = 0) -> None:
+        self.path, self.every_n_steps, self._saved_at = Path(dirpath) / "last.ckpt", every_n_steps, 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._saved_at = trainer.global_step  # a resumed run starts counting where it was saved
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
+        n = self.every_n_steps
+        if n and trainer.global_step // n > self._saved_at // n:
+            trainer.save_checkpoint(self.path)
+            self._saved_at = trainer.global_step
+
+
 class SaveOnInterrupt(Callback):
     """Ctrl-C or SIGTERM during training: save `last.ckpt` where training stopped, say how to resume."""
 
@@ -84,6 +104,8 @@ class SaveOnInterrupt(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, KeyboardInterrupt | SIGTERMException) or trainer.state.fn != "fit":
             return
+        if trainer.world_size > 1:  # saving is collective and the other ranks may be gone: resume from the
+            return                  # epoch's (or trainer.ckpt_every_n_steps') last.ckpt instead
         path = self.dirpath / "last.ckpt"
         trainer.save_checkpoint(path)
         print(f"\nInterrupted at step {trainer.global_step} (epoch {trainer.current_epoch + 1}); saved {path}.\n"

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 TRAIN_IMAGES = 60_000
 DEVICES = ("auto", "cpu", "gpu")
@@ -49,6 +49,18 @@ def register() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
     OmegaConf.register_new_resolver("run_dir", run_dir, replace=True)
     OmegaConf.register_new_resolver("config_subdir", config_subdir, replace=True)
+    OmegaConf.register_new_resolver("slurm_tasks", slurm_tasks, replace=True)
+    OmegaConf.register_new_resolver("slurm_gpus", slurm_gpus, replace=True)
+
+
+def slurm_tasks(strategy: str, devices: Any) -> int:
+    """SLURM tasks per node: under trainer=ddp one per device (each task is a rank; Lightning reads SLURM's
+    variables and starts no processes of its own), else one."""
+    return devices if strategy == "ddp" and isinstance(devices, int) else 1
+
+
+def slurm_gpus(device: str, tasks: int) -> int | None:
+    return None if device == "cpu" else tasks  # None: no --gpus-per-node line for CPU partitions
 
 
 def find_run(resume: str, log_dir: str) -> Path | None:
@@ -115,3 +127,30 @@ def validate(cfg: DictConfig) -> None:
     dropout = model.get("dropout", 0.0)
     _check(isinstance(dropout, int | float) and 0 <= dropout < 1, "model.dropout", dropout,
            "Dropout is a probability: 0 <= model.dropout < 1.")
+
+    trainer = cfg.trainer
+    _check(isinstance(data.get("group_batches", 1), int) and data.get("group_batches", 1) >= 1, "data.group_batches",
+           data.get("group_batches"), "It is how many training batches Lightning gets at once: an integer >= 1.")
+    graphs = trainer.get("cuda_graphs", "auto")
+    _check(graphs in ("auto", "on", "off"), "trainer.cuda_graphs", graphs,
+           "Use auto (capture the training step as a CUDA graph where that works), on, or off.")
+    if graphs == "on":
+        import torch
+
+        _check(cfg.device != "cpu" and torch.cuda.is_available(), "trainer.cuda_graphs", graphs,
+               "CUDA graphs need a CUDA GPU, and this run trains on the CPU; use trainer.cuda_graphs=auto (it "
+               "captures the step whenever the run does train on a GPU) or off.")
+    accumulate = trainer.get("accumulate_grad_batches", 1)
+    _check(accumulate == 1, "trainer.accumulate_grad_batches", accumulate,
+           "fmnist_lab's model owns the optimizer step (Lightning manual optimization), which does not accumulate "
+           "gradients; the whole data set is on the device, so raise batch_size instead (e.g. batch_size=512).")
+    devices = trainer.get("devices", 1)
+    _check(devices == "auto" or (isinstance(devices, int) and devices >= 1) or isinstance(devices, list | ListConfig),
+           "trainer.devices", devices, "Use a number of devices (processes under trainer=ddp), a list of GPU "
+           "indices, or auto.")
+    if isinstance(devices, int) and cfg.device == "gpu":
+        import torch
+
+        _check(devices <= torch.cuda.device_count(), "trainer.devices", devices,
+               f"This machine has {torch.cuda.device_count()} CUDA GPU(s); ask for at most that many, or use "
+               "device=cpu trainer=ddp trainer.devices=N for N CPU processes.")

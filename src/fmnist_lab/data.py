@@ -114,13 +114,25 @@ class DeviceBatches:
 
     Each pass draws a new permutation from a generator seeded with (seed, epoch), so an epoch's order
     depends only on the seed and the epoch number: a resumed run sees the same batches.
+
+    Under DDP each of `world` processes takes every `world`-th index of the same permutation (`rank`), so one
+    step's batches across all ranks are exactly one single-process batch of `world` x batch_size images, and
+    every image is seen once per epoch. `pad` (training) repeats the permutation's first few indices when the
+    images do not divide evenly, so every rank runs the same number of steps, as DDP requires.
+
+    With `group=K` (training), each item is a list of up to K (images, labels) batches: Lightning's per-batch
+    hooks then run once per K optimizer steps, which `Classifier.training_step` takes one by one. `limit`
+    caps the batches (not groups) per pass, so `trainer.limit_train_batches=N` still means N steps.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool = False,
-                 drop_last: bool = False, seed: int = 0, batches_done: Callable[[], int] | None = None) -> None:
+                 drop_last: bool = False, seed: int = 0, batches_done: Callable[[], int] | None = None,
+                 group: int = 1, limit: int | None = None, rank: int = 0, world: int = 1, pad: bool = False) -> None:
         self.images, self.labels = images, labels
+        self.rank, self.world, self.pad = rank, world, pad
         self.batch_size, self.shuffle, self.drop_last, self.seed = batch_size, shuffle, drop_last, seed
         self.batches_done = batches_done  # asked at each pass: how many batches of this epoch to skip
+        self.group, self.limit = group, limit
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -134,21 +146,45 @@ class DeviceBatches:
         # answering it keeps the epoch order right after a resume.
         return self
 
-    def __len__(self) -> int:
+    def shard_size(self) -> int:
         n = len(self.labels)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return -(-n // self.world) if self.pad else len(range(self.rank, n, self.world))
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = None
+    @property
+    def num_batches(self) -> int:
+        n = self.shard_size()
+        batches = n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return batches if self.limit is None else min(batches, self.limit)
+
+    def __len__(self) -> int:
+        return -(-self.num_batches // self.group)
+
+    def __iter__(self) -> Iterator:
+        n, order = len(self.labels), None
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(len(self.labels), generator=generator).to(self.labels.device)
+            order = torch.randperm(n, generator=generator).to(self.labels.device)
             self.epoch += 1
+        if self.world > 1:
+            order = torch.arange(n, device=self.labels.device) if order is None else order
+            if self.pad:
+                order = torch.cat([order, order[: -n % self.world]])
+            order = order[self.rank::self.world]
         skip = self.batches_done() if self.batches_done else 0  # resuming in the middle of this epoch
-        for start in range(skip * self.batch_size, len(self) * self.batch_size, self.batch_size):
+        group = []
+        for start in range(skip * self.batch_size, self.num_batches * self.batch_size, self.batch_size):
             index = slice(start, start + self.batch_size) if order is None else order[start:start + self.batch_size]
             # uint8 at rest, float per batch: 4x less memory than a float copy of the split, same values
-            yield to_float(self.images[index]), self.labels[index]
+            batch = to_float(self.images[index]), self.labels[index]
+            if self.group == 1:
+                yield batch
+                continue
+            group.append(batch)
+            if len(group) == self.group:
+                yield group
+                group = []
+        if group:
+            yield group
 
 
 class FashionMNISTImages(VisionDataset):
@@ -174,7 +210,7 @@ class FashionMNISTDataModule(pl.LightningDataModule):
     def __init__(self, root: str | None = None, batch_size: int = 128, val_size: int = 5000,
                  backend: str = "device", seed: int = 42, download: bool = False, num_workers: int = 0,
                  pin_memory: bool = False, eval_batch_size: int = 1000, drop_last: bool = False,
-                 augment: Sequence | None = None) -> None:
+                 augment: Sequence | None = None, group_batches: int = 1) -> None:
         super().__init__()
         if backend not in ("device", "dataloader"):
             raise ValueError(f"data.backend={backend!r} is not a backend; use `device` or `dataloader`.")
@@ -182,6 +218,7 @@ class FashionMNISTDataModule(pl.LightningDataModule):
         self.batch_size, self.eval_batch_size, self.val_size = batch_size, eval_batch_size, val_size
         self.backend, self.seed, self.download, self.drop_last = backend, seed, download, drop_last
         self.num_workers, self.pin_memory, self.augment = num_workers, pin_memory, list(augment or [])
+        self.group_batches = group_batches
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def prepare_data(self) -> None:
@@ -218,8 +255,14 @@ class FashionMNISTDataModule(pl.LightningDataModule):
         # overfit_batches means "the same few batches every epoch": no shuffling then.
         shuffle = train and not (self.trainer and self.trainer.overfit_batches)
         if self.backend == "device":
+            # Lightning counts groups; an int limit (limit_train_batches, overfit_batches, fast_dev_run) is
+            # meant in steps, so the loader applies it and Lightning's own count never bites first.
+            limit = self.trainer.limit_train_batches if train and self.trainer else None
+            rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
             return DeviceBatches(images, labels, batch_size, shuffle=shuffle, drop_last=train and self.drop_last,
-                                 seed=self.seed, batches_done=self._batches_done if train else None)
+                                 seed=self.seed, batches_done=self._batches_done if train else None,
+                                 group=self.group_batches if train else 1,
+                                 limit=limit if isinstance(limit, int) else None, rank=rank, world=world, pad=train)
         from torchvision import transforms
 
         transform = transforms.Compose([*(self.augment if train else []), transforms.ToTensor()])
@@ -232,7 +275,8 @@ class FashionMNISTDataModule(pl.LightningDataModule):
         """After a resume from a mid-epoch checkpoint, the batches of that epoch already trained. The epoch's
         order depends only on (seed, epoch), so skipping them continues exactly where training stopped."""
         loop = self.trainer.fit_loop if self.trainer else None
-        return loop.epoch_loop.batch_progress.current.completed if loop and loop.restarted_mid_epoch else 0
+        groups = loop.epoch_loop.batch_progress.current.completed if loop and loop.restarted_mid_epoch else 0
+        return groups * self.group_batches
 
     def train_dataloader(self):
         return self._loader("train", train=True)

@@ -30,6 +30,12 @@ COLUMNS = ["job", "status", "objective", "val/acc_best", "test/acc", "test/loss"
            "overrides", "error", "run_dir"]
 
 
+def is_rank_zero() -> bool:
+    """False in the other processes of a multi-process job (SLURM tasks, Lightning's DDP ranks), which train
+    along but leave the job's files to rank zero."""
+    return all(int(os.environ.get(k, 0)) == 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
 def is_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
@@ -152,7 +158,7 @@ class SweepSummary(Callback):
         self.earlier_rows = len(read_rows(path))  # the exit code is about this invocation's jobs
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        if config.hydra.mode != RunMode.MULTIRUN:
+        if config.hydra.mode != RunMode.MULTIRUN or not is_rank_zero():
             return
         try:
             row = job_row(config, job_return, self.metric)
@@ -181,6 +187,8 @@ class SweepSummary(Callback):
 
 def record_failure(cfg: DictConfig, err: BaseException) -> None:
     """Mark the job's metrics.json failed (keeping whatever the job measured) so the summary can say why."""
+    if not is_rank_zero():
+        return
     path = Path(cfg.paths.output_dir) / "metrics.json"
     metrics = json.loads(path.read_text()) if path.is_file() else {}
     write_json(path, {**metrics, "status": "failed", "error": f"{type(err).__name__}: {err}"})
