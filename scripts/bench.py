@@ -210,6 +210,63 @@ def raw_loop(args, cuda_graph: bool = False) -> dict:
     return {"epoch_seconds": times, "test_acc": test_accuracy(net, *splits["test"], device)}
 
 
+def interleaved(args) -> None:
+    """The CPU overhead question without the noise of separate processes: in one process, alternate the raw
+    loop with fmnist_lab's own training (`train.build` on the default config plus `overrides`), `args.steps`
+    steps each, `args.interleave` times, and print each variant's median step time against the raw loop's."""
+    import statistics
+
+    import torch
+    import torch.nn.functional as F
+    from hydra import compose, initialize_config_dir
+
+    from fmnist_lab.__main__ import config_dir
+    from fmnist_lab.callbacks import EpochTimer
+    from fmnist_lab.data import DeviceBatches
+    from fmnist_lab.model import MLP
+    from fmnist_lab.train import build, quiet_libraries
+
+    _, splits = load(args)
+
+    def raw() -> float:
+        net = MLP()
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+        start = time.perf_counter()
+        for x, y in DeviceBatches(*splits["train"], args.batch_size, shuffle=True, limit=args.steps):
+            optimizer.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            optimizer.step()
+        return time.perf_counter() - start
+
+    def fmnist_lab(*overrides: str) -> float:
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            cfg = compose("train", overrides=[
+                "device=cpu", "epochs=1", f"batch_size={args.batch_size}", f"trainer.limit_train_batches={args.steps}",
+                "trainer.limit_val_batches=1", "+trainer.num_sanity_val_steps=0",
+                f"paths.output_dir={tempfile.mkdtemp()}", *([f"data.root={args.root}"] if args.root else []),
+                *overrides])
+        datamodule, model, trainer = build(cfg)
+        timer = EpochTimer()  # the epoch's training steps only, as in metrics.json: no validation, no saving
+        trainer.callbacks.append(timer)
+        trainer.fit(model, datamodule=datamodule)
+        return timer.metrics["epoch_seconds"][0]
+
+    quiet_libraries()
+    variants = {"raw loop": raw, "fmnist_lab": fmnist_lab, "without callbacks and logger":
+                lambda: fmnist_lab("callbacks=none", "logger=none"), "data.group_batches=1":
+                lambda: fmnist_lab("data.group_batches=1")}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.interleave):
+        for name, run in variants.items():
+            times[name].append(run())
+    raw_median = statistics.median(times["raw loop"])
+    print(f"\n{args.interleave} x {args.steps} steps, batch {args.batch_size}, alternating in one process:\n\n"
+          "| variant | ms/step (median) | vs raw loop |\n|---|---|---|")
+    for name, seconds in times.items():
+        median = statistics.median(seconds)
+        print(f"| {name} | {median * 1000 / args.steps:.2f} | {median / raw_median:.2f}x |")
+
+
 CHILDREN = {"seed": seed_tutorial, "lightning": conventional_lightning, "raw": raw_loop,
             "raw_graph": lambda args: raw_loop(args, cuda_graph=True)}
 
@@ -287,11 +344,16 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=0, help="train batches per epoch (0 = all); for smoke tests")
     parser.add_argument("--only", nargs="*", choices=list(PIPELINES), help="run only these pipelines")
     parser.add_argument("--out", help="also write the markdown table to this file")
+    parser.add_argument("--interleave", type=int, default=0, metavar="N",
+                        help="instead: alternate the raw loop and fmnist_lab's training N times in one process (CPU)")
+    parser.add_argument("--steps", type=int, default=400, help="steps per --interleave measurement")
     parser.add_argument("--child", choices=list(CHILDREN), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args)
+    if args.interleave:
+        return interleaved(args)
 
     names = [n for n in (args.only or PIPELINES) if n != "raw_graph" or args.device == "cuda"]
     names = names if "raw" in names else ["raw", *names]  # every ratio is against (c)
