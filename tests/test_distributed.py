@@ -62,9 +62,10 @@ def test_ddp_on_two_cpu_processes_inside_a_sweep_trains_like_one_process(real_ru
 
 
 @pytest.mark.slow
-def test_requeued_sweep_job_continues_from_last_ckpt_in_its_directory(synthetic_root, tmp_path):
-    """What submitit does on preemption: run the same job again. After a SIGKILL in the middle of epoch 2, it
-    must continue from the epoch-1 checkpoint in the same directory, and log each step once."""
+def test_requeued_sweep_job_continues_from_last_ckpt_in_its_directory(synthetic_root, tmp_path, monkeypatch):
+    """What SLURM does with a job that submitit requeues on preemption: run it again, with SLURM_RESTART_COUNT
+    set. After a SIGKILL in the middle of epoch 2, the job must continue from the epoch-1 checkpoint in the
+    same directory, and log each step once."""
     sweep_dir = tmp_path / "sweep"
     args = ["-m", f"data.root={synthetic_root}", "device=cpu", "~callbacks.onnx_export", "trainer.log_every_n_steps=20",
             "trainer.limit_train_batches=200", "trainer.limit_val_batches=2", f"hydra.sweep.dir={sweep_dir}"]
@@ -72,6 +73,7 @@ def test_requeued_sweep_job_continues_from_last_ckpt_in_its_directory(synthetic_
     assert killed.returncode == -signal.SIGKILL and not (sweep_dir / "0" / "metrics.json").exists()
     assert not list(sweep_dir.rglob(".*.tmp"))  # no half-written file left behind
 
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     run_cli(tmp_path, *args, "epochs=3")
     metrics = json.loads((sweep_dir / "0" / "metrics.json").read_text())
     assert metrics["resumed_from_step"] == 200 and metrics["global_step"] == 600 and metrics["epochs"] == 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -39,7 +40,9 @@ def main(cfg: DictConfig) -> float | None:
         from fmnist_lab.train import train
 
         # A requeued SLURM job (preempted, or out of time) starts again in its own directory: continue there.
-        requeued = (Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt").is_file()
+        # Only then: a sweep run again into an old sweep directory must not pick up another config's run.
+        requeued = int(os.environ.get("SLURM_RESTART_COUNT", 0)) > 0
+        requeued = requeued and (Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt").is_file()
         value = train(cfg, resume=requeued).get(cfg.get("optimized_metric"))
     except Exception as err:  # one job's failure must not end the sweep: record it, report it, go on
         record_failure(cfg, err)
