@@ -120,6 +120,11 @@ class Classifier(pl.LightningModule):
         self.direct = not self.step_blockers()
         self.graph = CapturedStep(self, self.optimizers()) if self.uses_cuda_graphs() else None
 
+    @property
+    def step_mode(self) -> str:
+        """Which step trained: `cuda_graph`, `direct` (eager, around Lightning's wrappers) or `lightning`."""
+        return "cuda_graph" if self.graph is not None else "direct" if self.direct else "lightning"
+
     def on_train_epoch_start(self) -> None:
         self._loss_sum, self._loss_steps, self._epoch_loss = None, 0, []
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=False, on_epoch=True)

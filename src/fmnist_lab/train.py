@@ -211,6 +211,7 @@ def train(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
             "resumed_from_step": purge_step,
             "seed": cfg.seed,
             "device": str(trainer.strategy.root_device),
+            "step": model.step_mode,  # cuda_graph | direct | lightning (see Classifier.step_blockers)
             "cpu_threads": torch.get_num_threads(),
             "started": started,
             "finished": datetime.now().astimezone().isoformat(timespec="seconds"),
