@@ -114,12 +114,13 @@ def test_groups_hold_every_batch_once_in_order():
 @pytest.mark.parametrize(("override", "message"), [
     ("trainer.cuda_graphs=on", "CUDA graphs need a CUDA GPU"),
     ("trainer.cuda_graphs=maybe", "Use auto"),
+    ("trainer.cuda_graphs=on trainer.gradient_clip_val=1.0", "gradient_clip_val is set"),
     ("+trainer.accumulate_grad_batches=4", "raise batch_size instead"),
     ("data.group_batches=0", "an integer >= 1"),
 ])
 def test_step_settings_that_cannot_work_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
-        validate(compose_cfg("device=cpu", override))
+        validate(compose_cfg("device=cpu", *override.split()))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the lent GPU machine)")

@@ -129,14 +129,22 @@ def validate(cfg: DictConfig) -> None:
            "Dropout is a probability: 0 <= model.dropout < 1.")
 
     trainer = cfg.trainer
-    _check(isinstance(data.get("group_batches", 1), int) and data.get("group_batches", 1) >= 1, "data.group_batches",
-           data.get("group_batches"), "It is how many training batches Lightning gets at once: an integer >= 1.")
+    group = data.get("group_batches", 1)
+    _check(isinstance(group, int) and group >= 1, "data.group_batches", group,
+           "It is how many training batches Lightning gets at once: an integer >= 1.")
     graphs = trainer.get("cuda_graphs", "auto")
     _check(graphs in ("auto", "on", "off"), "trainer.cuda_graphs", graphs,
            "Use auto (capture the training step as a CUDA graph where that works), on, or off.")
     if graphs == "on":
         import torch
 
+        blockers = [why for why, blocked in (
+            ("trainer.precision is not 32-true", trainer.get("precision", "32-true") not in ("32-true", "32", 32)),
+            ("trainer.gradient_clip_val is set", bool(trainer.get("gradient_clip_val"))),
+            ("trainer=ddp trains on several devices", trainer.get("strategy") == "ddp"),
+        ) if blocked]
+        _check(not blockers, "trainer.cuda_graphs", graphs, f"A captured step cannot work here: {'; '.join(blockers)}. "
+               "Use trainer.cuda_graphs=auto (it captures the step only where that works) or off.")
         _check(cfg.device != "cpu" and torch.cuda.is_available(), "trainer.cuda_graphs", graphs,
                "CUDA graphs need a CUDA GPU, and this run trains on the CPU; use trainer.cuda_graphs=auto (it "
                "captures the step whenever the run does train on a GPU) or off.")

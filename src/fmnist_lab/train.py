@@ -138,7 +138,10 @@ def distributed_job(trainer: pl.Trainer):
     ranks meet, the process group closes, the ranks Lightning started here exit (killed if the job failed:
     they may wait on rank zero forever), and the launcher's variables leave this process."""
     before = {k: os.environ.get(k) for k in DDP_ENV}
-    joined = torch.distributed.is_available() and torch.distributed.is_initialized
+
+    def joined() -> bool:
+        return torch.distributed.is_available() and torch.distributed.is_initialized()
+
     ok = False
     try:
         yield
@@ -198,6 +201,8 @@ def train(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
         # The test set is touched once, after training, by the checkpoint with the best validation accuracy.
         (test,) = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False,
                                weights_only=True)
+        if not trainer.is_global_zero:  # the other DDP ranks trained and tested; rank zero writes the results
+            return {}
 
         metrics = {
             "test/acc": test["test/acc"],
@@ -226,8 +231,6 @@ def train(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
         for logger in trainer.loggers:
             logger.log_hyperparams(hparams, final)
             logger.finalize("success")
-        if not trainer.is_global_zero:  # the other DDP ranks trained and tested; rank zero writes the results
-            return {}
         save_weights(model.net, model.hparams.net, out, CLASSES)  # the tested (best) weights
         for callback in trainer.callbacks:  # e.g. the ONNX export's verification result
             metrics.update(getattr(callback, "metrics", None) or {})
