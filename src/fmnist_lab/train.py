@@ -201,8 +201,6 @@ def train(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
         # The test set is touched once, after training, by the checkpoint with the best validation accuracy.
         (test,) = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False,
                                weights_only=True)
-        if not trainer.is_global_zero:  # the other DDP ranks trained and tested; rank zero writes the results
-            return {}
 
         metrics = {
             "test/acc": test["test/acc"],
@@ -223,6 +221,9 @@ def train(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
             "versions": {"fmnist_lab": fmnist_lab.__version__, "torch": torch.__version__, "lightning": pl.__version__,
                          "python": platform.python_version()},
         }
+        # After the metrics: val_acc_best.compute() is a collective under DDP, so every rank must get this far.
+        if not trainer.is_global_zero:  # the other DDP ranks trained and tested; rank zero writes the results
+            return {}
         # TensorBoard's HPARAMS tab: this job's config next to its final numbers (as hp/* scalars, so the real
         # curves keep only their real points); one `tensorboard --logdir <sweep dir>` compares every job.
         hparams = {k: v for k, v in plain(cfg).items() if k not in ("paths", "hydra")}
