@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import gzip
+import weakref
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -18,6 +21,7 @@ from fmnist_lab.data import (
     load_split,
     read_idx,
 )
+from fmnist_lab.model import Classifier
 
 
 @pytest.mark.parametrize("suffix", ["", ".gz"])
@@ -112,6 +116,28 @@ def test_backends_serve_identical_evaluation_batches(synthetic_root):
         dm.setup("fit")
         batches.append(next(iter(dm.val_dataloader())))
     assert torch.equal(batches[0][0], batches[1][0]) and torch.equal(batches[0][1], batches[1][1])
+
+
+def test_fit_releases_train_and_val_before_testing(synthetic_root):
+    """Testing and the ONNX export need only the test split, so the train and val tensors are freed after fit
+    (nothing in Lightning keeps them); a later fit loads them again."""
+    dm = FashionMNISTDataModule(root=str(synthetic_root), batch_size=64)
+    dm.setup("fit")
+    train_images = weakref.ref(dm.splits["train"][0])
+    model = Classifier({"_target_": "fmnist_lab.model.MLP", "hidden": [16]},
+                       {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.01})
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=3, limit_val_batches=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, datamodule=dm)
+    gc.collect()
+    assert train_images() is None and set(dm.splits) == {"test"}
+    (result,) = trainer.test(model, datamodule=dm, verbose=False)
+    assert 0 <= result["test/acc"] <= 1 and set(dm.splits) == {"test"}
+    trainer.fit_loop.max_epochs = 2  # one more epoch on the same trainer, which reuses its loaders
+    trainer.fit(model, datamodule=dm)
+    assert trainer.global_step == 6 and set(dm.splits) == {"test"}
+    dm.setup("fit")
+    assert {k: len(y) for k, (_, y) in dm.splits.items()} == {"train": 55_000, "val": 5_000, "test": 10_000}
 
 
 def test_validation_split_is_seeded(synthetic_root):

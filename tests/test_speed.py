@@ -51,8 +51,10 @@ def test_fast_path_matches_a_plain_eager_loop(synthetic_root, group):
     trainer = pl.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=steps, limit_val_batches=0,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False)
+    dm.setup("fit")
+    train = dm.splits["train"]  # fit releases it at the end
     trainer.fit(model, datamodule=dm)
-    plain_loop(plain_net, *dm.splits["train"], steps, lr=0.05, seed=7)
+    plain_loop(plain_net, *train, steps, lr=0.05, seed=7)
 
     assert_same_weights(model.net, plain_net, atol=1e-6)
     assert trainer.global_step == steps and trainer.num_training_batches == -(-steps // group)
@@ -68,10 +70,12 @@ def test_gradient_clipping_clips_every_step(synthetic_root):
     dm = FashionMNISTDataModule(root=str(synthetic_root), batch_size=32, seed=7, group_batches=8)
     trainer = pl.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=10, limit_val_batches=0, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    dm.setup("fit")
+    train = dm.splits["train"]  # fit releases it at the end
     trainer.fit(model, datamodule=dm)
 
     optimizer = torch.optim.SGD(plain_net.parameters(), lr=0.05, momentum=0.9)
-    for _, (x, y) in zip(range(10), DeviceBatches(*dm.splits["train"], 32, shuffle=True, seed=7), strict=False):
+    for _, (x, y) in zip(range(10), DeviceBatches(*train, 32, shuffle=True, seed=7), strict=False):
         optimizer.zero_grad()
         F.cross_entropy(plain_net(x), y).backward()
         torch.nn.utils.clip_grad_norm_(plain_net.parameters(), 0.05)
@@ -157,4 +161,5 @@ def test_bench_script_runs_and_prints_the_table(real_root, tmp_path):
     for row in rows:
         cells = [c.strip() for c in row.split("|")[2:-1]]
         assert float(cells[0]) > 0 and cells[2].endswith("x") and 0 <= float(cells[-1]) <= 1
+        assert 0 < float(cells[5]) <= float(cells[6])  # peak RSS while running, then with the exit
     assert "| (c) raw PyTorch loop, device-resident batches | " in out.read_text() and "1.00x" in rows[2]

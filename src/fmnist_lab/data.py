@@ -79,7 +79,12 @@ def read_idx(path: Path, magic: int) -> torch.Tensor:
                     raise DataError(f"{path} holds {rows}x{cols} images; FashionMNIST images are 28x28.")
                 dims = (count, 28, 28)
             data = torch.empty(dims, dtype=torch.uint8)
-            got = f.readinto(memoryview(data.numpy()).cast("B"))
+            view, got = memoryview(data.numpy()).cast("B"), 0
+            while got < len(view):  # in chunks: gzip's readinto decompresses a whole request into a temporary
+                chunk = f.readinto(view[got:got + (1 << 20)])
+                if not chunk:
+                    break
+                got += chunk
             if got != data.numel() or f.read(1):
                 raise DataError(f"{path}: its header promises {count} {kind}s ({data.numel()} bytes of data) but "
                                 f"it holds {'more' if got == data.numel() else got}: the file is truncated or "
@@ -123,12 +128,17 @@ class DeviceBatches:
     With `group=K` (training), each item is a list of up to K (images, labels) batches: Lightning's per-batch
     hooks then run once per K optimizer steps, which `Classifier.training_step` takes one by one. `limit`
     caps the batches (not groups) per pass, so `trainer.limit_train_batches=N` still means N steps.
+
+    `source` (instead of `images` and `labels`) looks the tensors up at each use: the data module passes its
+    split, so the loader Lightning keeps after fit holds no data, and a later fit finds the split loaded again.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool = False,
-                 drop_last: bool = False, seed: int = 0, batches_done: Callable[[], int] | None = None,
-                 group: int = 1, limit: int | None = None, rank: int = 0, world: int = 1, pad: bool = False) -> None:
-        self.images, self.labels = images, labels
+    def __init__(self, images: torch.Tensor | None, labels: torch.Tensor | None, batch_size: int,
+                 shuffle: bool = False, drop_last: bool = False, seed: int = 0,
+                 batches_done: Callable[[], int] | None = None, group: int = 1, limit: int | None = None,
+                 rank: int = 0, world: int = 1, pad: bool = False,
+                 source: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+        self.source = source or (lambda: (images, labels))
         self.rank, self.world, self.pad = rank, world, pad
         self.batch_size, self.shuffle, self.drop_last, self.seed = batch_size, shuffle, drop_last, seed
         self.batches_done = batches_done  # asked at each pass: how many batches of this epoch to skip
@@ -147,7 +157,7 @@ class DeviceBatches:
         return self
 
     def shard_size(self) -> int:
-        n = len(self.labels)
+        n = len(self.source()[1])
         return -(-n // self.world) if self.pad else len(range(self.rank, n, self.world))
 
     @property
@@ -160,13 +170,14 @@ class DeviceBatches:
         return -(-self.num_batches // self.group)
 
     def __iter__(self) -> Iterator:
-        n, order = len(self.labels), None
+        images, labels = self.source()
+        n, order = len(labels), None
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(n, generator=generator).to(self.labels.device)
+            order = torch.randperm(n, generator=generator).to(labels.device)
             self.epoch += 1
         if self.world > 1:
-            order = torch.arange(n, device=self.labels.device) if order is None else order
+            order = torch.arange(n, device=labels.device) if order is None else order
             if self.pad:
                 order = torch.cat([order, order[: -n % self.world]])
             order = order[self.rank::self.world]
@@ -175,7 +186,7 @@ class DeviceBatches:
         for start in range(skip * self.batch_size, self.num_batches * self.batch_size, self.batch_size):
             index = slice(start, start + self.batch_size) if order is None else order[start:start + self.batch_size]
             # uint8 at rest, float per batch: 4x less memory than a float copy of the split, same values
-            batch = to_float(self.images[index]), self.labels[index]
+            batch = to_float(images[index]), labels[index]
             if self.group == 1:
                 yield batch
                 continue
@@ -232,7 +243,7 @@ class FashionMNISTDataModule(pl.LightningDataModule):
                 FashionMNIST(str(self.root), train=False, download=True)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.splits:
+        if "test" in self.splits and (stage == "test" or "train" in self.splits):
             return
         if not 0 < self.val_size < TRAIN_SIZE:
             raise ValueError(f"data.val_size={self.val_size} must be between 1 and {TRAIN_SIZE - 1}.")
@@ -240,17 +251,26 @@ class FashionMNISTDataModule(pl.LightningDataModule):
         # The split is seeded on its own, so it is the same whatever else consumed random numbers.
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
         val_idx, train_idx = order[: self.val_size], order[self.val_size:]
-        self.splits = {
-            "train": (images[train_idx], labels[train_idx]),
-            "val": (images[val_idx], labels[val_idx]),
-            "test": load_split(self.root, "test", TEST_SIZE),
-        }
+        self.splits = {"train": (images[train_idx], labels[train_idx]), "val": (images[val_idx], labels[val_idx])}
+        del images  # before the test split is read: the load's peak is the whole train split, copied once
+        self.splits["test"] = load_split(self.root, "test", TEST_SIZE)
         if self.backend == "device":
             device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
             self.splits = {k: (x.to(device), y.to(device)) for k, (x, y) in self.splits.items()}
 
+    def teardown(self, stage: str) -> None:
+        # Testing and the ONNX export need only the test split: releasing train and val after fit (47 MB as
+        # uint8; device memory on a GPU) makes room for the exporter's ~100 MB of libraries.
+        if stage == "fit":
+            for split in ("train", "val"):
+                self.splits.pop(split, None)
+
+    def _split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if name not in self.splits:  # released at the end of fit (see teardown), asked for again
+            self.setup("test" if name == "test" else "fit")
+        return self.splits[name]
+
     def _loader(self, split: str, train: bool):
-        images, labels = self.splits[split]
         batch_size = self.batch_size if train else self.eval_batch_size
         # overfit_batches means "the same few batches every epoch": no shuffling then.
         shuffle = train and not (self.trainer and self.trainer.overfit_batches)
@@ -259,14 +279,15 @@ class FashionMNISTDataModule(pl.LightningDataModule):
             # meant in steps, so the loader applies it and Lightning's own count never bites first.
             limit = self.trainer.limit_train_batches if train and self.trainer else None
             rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-            return DeviceBatches(images, labels, batch_size, shuffle=shuffle, drop_last=train and self.drop_last,
-                                 seed=self.seed, batches_done=self._batches_done if train else None,
+            return DeviceBatches(None, None, batch_size, source=lambda: self._split(split), shuffle=shuffle,
+                                 drop_last=train and self.drop_last, seed=self.seed,
+                                 batches_done=self._batches_done if train else None,
                                  group=self.group_batches if train else 1,
                                  limit=limit if isinstance(limit, int) else None, rank=rank, world=world, pad=train)
         from torchvision import transforms
 
         transform = transforms.Compose([*(self.augment if train else []), transforms.ToTensor()])
-        return DataLoader(FashionMNISTImages(images, labels, transform), batch_size=batch_size,
+        return DataLoader(FashionMNISTImages(*self._split(split), transform), batch_size=batch_size,
                           shuffle=shuffle, drop_last=train and self.drop_last, num_workers=self.num_workers,
                           pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
                           generator=torch.Generator().manual_seed(self.seed) if shuffle else None)
