@@ -11,11 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.core.optimizer import LightningOptimizer
 
 from conftest import compose_cfg
 from fmnist_lab.config import ConfigError, validate
 from fmnist_lab.data import DeviceBatches, FashionMNISTDataModule
-from fmnist_lab.model import Classifier
+from fmnist_lab.model import CapturedStep, CaptureError, Classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 SGD = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.05, "momentum": 0.9}
@@ -125,6 +126,25 @@ def test_groups_hold_every_batch_once_in_order():
 def test_step_settings_that_cannot_work_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
         validate(compose_cfg("device=cpu", *override.split()))
+
+
+def test_a_step_that_cannot_be_captured_names_the_switch(monkeypatch):
+    """A network that needs the host (e.g. `.item()`) fails inside the CUDA graph capture; the run then stops
+    with one paragraph that names trainer.cuda_graphs=off, not with CUDA's message alone. (CPU: the capture
+    itself is replaced by one that fails as CUDA's does.)"""
+    class FailingCapture:
+        def __enter__(self):
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph: FailingCapture())
+    model = Classifier({"_target_": "fmnist_lab.model.MLP", "hidden": [16]}, SGD)
+    step = CapturedStep(model, LightningOptimizer(torch.optim.SGD(model.parameters(), lr=0.05)))
+    with pytest.raises(CaptureError, match=r"not permitted when stream is capturing\. .*trainer\.cuda_graphs=off"):
+        step.capture(torch.rand(4, 1, 28, 28), torch.zeros(4, dtype=torch.long), [0.05])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the lent GPU machine)")

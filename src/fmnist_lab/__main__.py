@@ -66,6 +66,7 @@ def single_run(cfg: DictConfig) -> float | None:
     except ConfigError as err:
         fail(str(err))
     from fmnist_lab.data import DataError
+    from fmnist_lab.model import CaptureError
     from fmnist_lab.train import ArtifactError, ResumeError, train
 
     try:
@@ -79,7 +80,7 @@ def single_run(cfg: DictConfig) -> float | None:
             metrics = train(original, resume=True)
     except ResumeError as err:
         fail(str(err))
-    except (DataError, ArtifactError, FloatingPointError) as err:
+    except (DataError, ArtifactError, FloatingPointError, CaptureError) as err:
         record_failure(cfg, err)
         fail(f"{err}\nThe run is marked failed in {Path(cfg.paths.output_dir) / 'metrics.json'}; its checkpoints "
              "(up to the last good epoch) are kept.")

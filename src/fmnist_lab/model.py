@@ -252,6 +252,10 @@ def count_step(optimizer) -> None:
     optimizer._on_after_step()
 
 
+class CaptureError(RuntimeError):
+    """The training step cannot be captured as a CUDA graph (the network or optimizer needs the host)."""
+
+
 class CapturedStep:
     """The training step as one CUDA graph, after PyTorch's "whole network capture" recipe.
 
@@ -301,10 +305,17 @@ class CapturedStep:
         # Gradients set to None are allocated inside the graph's memory pool and overwritten on each replay.
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):  # records the kernels; nothing runs, so no state changes here
-            static_loss = F.cross_entropy(self.module.net(static_x), static_y)
-            static_loss.backward()
-            self.optimizer.optimizer.step()
+        try:
+            with torch.cuda.graph(graph):  # records the kernels; nothing runs, so no state changes here
+                static_loss = F.cross_entropy(self.module.net(static_x), static_y)
+                static_loss.backward()
+                self.optimizer.optimizer.step()
+        except RuntimeError as err:
+            raise CaptureError(
+                f"Capturing the training step as a CUDA graph failed: {err}. The network or optimizer probably "
+                "does something a graph cannot replay (a host sync such as .item() or print of a tensor, a shape "
+                "that depends on the data). Set trainer.cuda_graphs=off to train with the eager step."
+            ) from err
         self.graph, self.static, self.lrs = graph, (static_x, static_y, static_loss), lrs
 
 
