@@ -9,7 +9,7 @@ the same machine and its own peak memory. s/epoch is the median over epochs 2..N
 pays for warm-up); `process s` is the whole process (start-up, data, training, evaluation and, for
 fmnist_lab, checkpoints, test and ONNX export). `peak RSS MB` is the process's own peak when its work is
 done; `with exit MB` also counts the interpreter's exit, where the CUDA build of torch's library destructors
-add 50-150 MB to any pipeline. All pipelines train on the same 55,000 images (the official train split less
+add 50-130 MB to any pipeline. All pipelines train on the same 55,000 images (the official train split less
 the validation set) and report accuracy on the 10,000 test images.
 """
 
