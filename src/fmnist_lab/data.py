@@ -244,7 +244,7 @@ class FashionMNISTDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if "test" in self.splits and (stage == "test" or "train" in self.splits):
-            return
+            return  # what the stage needs is loaded (teardown releases train and val after fit)
         if not 0 < self.val_size < TRAIN_SIZE:
             raise ValueError(f"data.val_size={self.val_size} must be between 1 and {TRAIN_SIZE - 1}.")
         images, labels = load_split(self.root, "train", TRAIN_SIZE)
