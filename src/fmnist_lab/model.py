@@ -311,8 +311,9 @@ class CapturedStep:
                 static_loss.backward()
                 self.optimizer.optimizer.step()
         except RuntimeError as err:
+            cause = str(err).splitlines()[0].rstrip(".")  # CUDA appends lines of debugging advice; kept in the chain
             raise CaptureError(
-                f"Capturing the training step as a CUDA graph failed: {err}. The network or optimizer probably "
+                f"Capturing the training step as a CUDA graph failed: {cause}. The network or optimizer probably "
                 "does something a graph cannot replay (a host sync such as .item() or print of a tensor, a shape "
                 "that depends on the data). Set trainer.cuda_graphs=off to train with the eager step."
             ) from err
