@@ -44,8 +44,7 @@ def load(args):
     from fmnist_lab.data import FashionMNISTDataModule
 
     data = FashionMNISTDataModule(root=args.root, backend="dataloader", seed=0)
-    data.setup("fit")
-    return torch.device("cuda" if args.device == "cuda" else "cpu"), data.splits
+    return torch.device("cuda" if args.device == "cuda" else "cpu"), {s: data.tensors(s) for s in ("train", "test")}
 
 
 def synchronize(device) -> None:
@@ -58,7 +57,7 @@ def synchronize(device) -> None:
 def test_accuracy(net, images, labels, device) -> float:
     import torch
 
-    from fmnist_lab.data import to_float
+    from fmnist_lab.data.idx import to_float
 
     net.eval()
     with torch.no_grad():
@@ -128,7 +127,7 @@ def conventional_lightning(args) -> dict:
 
     from fmnist_lab.callbacks import EpochTimer
     from fmnist_lab.data import FashionMNISTImages
-    from fmnist_lab.model import MLP
+    from fmnist_lab.models import MLP
 
     class LitMLP(pl.LightningModule):
         def __init__(self):
@@ -164,14 +163,14 @@ def raw_loop(args, cuda_graph: bool = False) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from fmnist_lab.data import DeviceBatches
-    from fmnist_lab.model import MLP
+    from fmnist_lab.data import DeviceLoader
+    from fmnist_lab.models import MLP
 
     device, splits = load(args)
     torch.manual_seed(0)
-    images, labels = splits["train"]
-    loader = DeviceBatches(images.to(device), labels.to(device), args.batch_size, shuffle=True,
-                           drop_last=cuda_graph, seed=0)  # a graph replays one static shape
+    train = tuple(t.to(device) for t in splits["train"])
+    loader = DeviceLoader(lambda: train, args.batch_size, shuffle=True, drop_last=cuda_graph,
+                          seed=0)  # a graph replays one static shape
     net = MLP().to(device)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
 
@@ -222,10 +221,10 @@ def interleaved(args) -> None:
     import torch.nn.functional as F
     from hydra import compose, initialize_config_dir
 
-    from fmnist_lab.__main__ import config_dir
     from fmnist_lab.callbacks import EpochTimer
-    from fmnist_lab.data import DeviceBatches
-    from fmnist_lab.model import MLP
+    from fmnist_lab.cli import config_dir
+    from fmnist_lab.data import DeviceLoader
+    from fmnist_lab.models import MLP
     from fmnist_lab.train import build, quiet_libraries
 
     _, splits = load(args)
@@ -234,7 +233,8 @@ def interleaved(args) -> None:
         net = MLP()
         optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
         start = time.perf_counter()
-        for x, y in DeviceBatches(*splits["train"], args.batch_size, shuffle=True, limit=args.steps):
+        loader = DeviceLoader(lambda: splits["train"], args.batch_size, shuffle=True)
+        for _, (x, y) in zip(range(args.steps), loader, strict=False):
             optimizer.zero_grad()
             F.cross_entropy(net(x), y).backward()
             optimizer.step()
@@ -255,8 +255,7 @@ def interleaved(args) -> None:
 
     quiet_libraries()
     variants = {"raw loop": raw, "fmnist_lab": fmnist_lab, "without callbacks and logger":
-                lambda: fmnist_lab("callbacks=none", "logger=none"), "data.group_batches=1":
-                lambda: fmnist_lab("data.group_batches=1")}
+                lambda: fmnist_lab("callbacks=none", "logger=none")}
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.interleave):
         for name, run in variants.items():

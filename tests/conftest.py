@@ -12,7 +12,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from fmnist_lab.__main__ import config_dir
+from fmnist_lab.cli import config_dir
 from fmnist_lab.data import DEBIAN_ROOT, FILES, IMAGE_MAGIC, LABEL_MAGIC
 
 REAL_ROOT = DEBIAN_ROOT

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from conftest import compose_cfg
-from fmnist_lab.__main__ import config_dir
+from fmnist_lab.cli import config_dir
 from fmnist_lab.train import build
 
 GROUPS = sorted(p.name for p in Path(config_dir()).iterdir() if p.is_dir())

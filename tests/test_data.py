@@ -16,12 +16,12 @@ from fmnist_lab.data import (
     IMAGE_MAGIC,
     LABEL_MAGIC,
     DataError,
-    DeviceBatches,
+    DeviceLoader,
     FashionMNISTDataModule,
     load_split,
     read_idx,
 )
-from fmnist_lab.model import Classifier
+from fmnist_lab.models import Classifier
 
 
 @pytest.mark.parametrize("suffix", ["", ".gz"])
@@ -100,7 +100,8 @@ def test_missing_files_say_where_we_looked_and_how_to_get_them(tmp_path):
 def test_official_splits_and_batch_format(synthetic_root, backend):
     dm = FashionMNISTDataModule(root=str(synthetic_root), batch_size=64, backend=backend, seed=1)
     dm.setup("fit")
-    assert {k: len(y) for k, (_, y) in dm.splits.items()} == {"train": 55_000, "val": 5_000, "test": 10_000}
+    assert {split: len(dm.tensors(split)[1]) for split in ("train", "val", "test")} == \
+        {"train": 55_000, "val": 5_000, "test": 10_000}
     for loader, size in ((dm.train_dataloader(), 64), (dm.val_dataloader(), 1000), (dm.test_dataloader(), 1000)):
         x, y = next(iter(loader))
         assert x.shape == (size, 1, 28, 28) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
@@ -118,46 +119,77 @@ def test_backends_serve_identical_evaluation_batches(synthetic_root):
     assert torch.equal(batches[0][0], batches[1][0]) and torch.equal(batches[0][1], batches[1][1])
 
 
+def quick_trainer(**options) -> pl.Trainer:
+    return pl.Trainer(**{**dict(accelerator="cpu", max_epochs=1, limit_train_batches=3, limit_val_batches=1,
+                                logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                                enable_model_summary=False), **options})
+
+
 def test_fit_releases_train_and_val_before_testing(synthetic_root):
     """Testing and the ONNX export need only the test split, so the train and val tensors are freed after fit
-    (nothing in Lightning keeps them); a later fit loads them again."""
+    (nothing, not even the loader Lightning keeps, holds them); a later fit loads them again."""
     dm = FashionMNISTDataModule(root=str(synthetic_root), batch_size=64)
-    dm.setup("fit")
-    train_images = weakref.ref(dm.splits["train"][0])
-    model = Classifier({"_target_": "fmnist_lab.model.MLP", "hidden": [16]},
+    train_images = weakref.ref(dm.tensors("train")[0])
+    test_images = weakref.ref(dm.tensors("test")[0])
+    model = Classifier({"_target_": "fmnist_lab.models.MLP", "hidden": [16]},
                        {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.01})
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=3, limit_val_batches=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = quick_trainer()
     trainer.fit(model, datamodule=dm)
     gc.collect()
-    assert train_images() is None and set(dm.splits) == {"test"}
+    assert train_images() is None and test_images() is not None
     (result,) = trainer.test(model, datamodule=dm, verbose=False)
-    assert 0 <= result["test/acc"] <= 1 and set(dm.splits) == {"test"}
-    trainer.fit_loop.max_epochs = 2  # one more epoch on the same trainer, which reuses its loaders
-    trainer.fit(model, datamodule=dm)
-    assert trainer.global_step == 6 and set(dm.splits) == {"test"}
-    dm.setup("fit")
-    assert {k: len(y) for k, (_, y) in dm.splits.items()} == {"train": 55_000, "val": 5_000, "test": 10_000}
+    assert 0 <= result["test/acc"] <= 1 and test_images() is not None
+    again = quick_trainer(max_epochs=2)
+    again.fit(model, datamodule=dm)
+    assert again.global_step == 6 and len(dm.tensors("train")[1]) == 55_000
 
 
 def test_validation_split_is_seeded(synthetic_root):
     def val_images(seed):
-        dm = FashionMNISTDataModule(root=str(synthetic_root), seed=seed)
-        dm.setup("fit")
-        return dm.splits["val"][0]
+        return FashionMNISTDataModule(root=str(synthetic_root), seed=seed).tensors("val")[0]
 
     assert torch.equal(val_images(0), val_images(0))
     assert not torch.equal(val_images(0), val_images(42))
 
 
-def test_device_batches_cover_each_epoch_once_in_a_seeded_order():
-    images = torch.arange(10, dtype=torch.uint8).reshape(10, 1, 1).expand(10, 28, 28)
-    labels = torch.arange(10)
-    loader = DeviceBatches(images, labels, batch_size=4, shuffle=True, seed=5)
+def numbered(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n images whose pixels hold their own index, and labels 0..n-1."""
+    return torch.arange(n, dtype=torch.uint8).reshape(n, 1, 1).expand(n, 28, 28), torch.arange(n)
+
+
+def test_device_loader_covers_each_epoch_once_in_a_seeded_order():
+    images, labels = numbered(10)
+    loader = DeviceLoader(lambda: (images, labels), batch_size=4, shuffle=True, seed=5)
     epoch0 = torch.cat([y for _, y in loader])
     epoch1 = torch.cat([y for _, y in loader])
     assert sorted(epoch0.tolist()) == list(range(10)) and not torch.equal(epoch0, epoch1)
-    loader.set_epoch(0)  # what Lightning does before each epoch, and so after a resume
-    assert torch.equal(torch.cat([y for _, y in loader]), epoch0)
-    assert len(loader) == 3 and len(DeviceBatches(images, labels, 4, drop_last=True)) == 2
+    # an epoch's order depends only on (seed, epoch): a new loader told it is epoch 1 serves epoch 1 again
+    same = DeviceLoader(lambda: (images, labels), batch_size=4, shuffle=True, seed=5, epoch=lambda: 1)
+    assert torch.equal(torch.cat([y for _, y in same]), epoch1)
+    assert len(loader) == 3 and len(DeviceLoader(lambda: (images, labels), 4, drop_last=True)) == 2
     assert all(torch.equal((x[:, 0, 0, 0] * 255).round().long(), y) for x, y in loader)  # pairs stay together
+
+
+def test_device_loader_state_continues_an_epoch_where_it_stopped():
+    """Lightning's stateful-iterable protocol: the state after k batches puts a new loader (as in a resumed
+    process) at batch k of the same epoch; a finished epoch's state starts the next epoch from its beginning."""
+    images, labels = numbered(100)
+
+    def loader(**options):
+        return DeviceLoader(lambda: (images, labels), batch_size=8, shuffle=True, seed=3, **options)
+
+    first = loader()
+    epochs = [[y for _, y in first], [y for _, y in first]]
+    stopped = loader()
+    it = iter(stopped)
+    for _ in range(5):
+        next(it)
+    state = stopped.state_dict()
+    assert state == {"epoch": 0, "batches": 5}
+    resumed = loader()
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip([y for _, y in resumed], epochs[0][5:], strict=True))
+
+    ended = loader(epoch=lambda: 1)  # the trainer is at epoch 1 after a checkpoint from the end of epoch 0
+    ended.load_state_dict({"epoch": 0, "batches": len(ended)})
+    assert all(torch.equal(a, b) for a, b in zip([y for _, y in ended], epochs[1], strict=True))

@@ -1,4 +1,4 @@
-"""Scaling out: DDP shards, DDP runs (also inside a sweep), SLURM job parameters, requeued jobs."""
+"""Scaling out: DDP shards, DDP runs (alone, and a sweep under torchrun), SLURM job scripts, requeued jobs."""
 
 from __future__ import annotations
 
@@ -6,59 +6,92 @@ import csv
 import json
 import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from conftest import run_cli
-from fmnist_lab.__main__ import config_dir
-from fmnist_lab.data import DeviceBatches
+from conftest import compose_cfg, only_run_dir, run_cli
+from fmnist_lab.cli import config_dir
+from fmnist_lab.config import ConfigError, validate
+from fmnist_lab.data import DeviceLoader
 from test_resume import start_and_signal, train_loss_steps
 
 
 @pytest.mark.parametrize(("n", "world"), [(100, 2), (101, 3)])
 def test_ddp_shards_cover_every_image_once_per_epoch(n, world):
     images, labels = torch.zeros(n, 28, 28, dtype=torch.uint8), torch.arange(n)
-    shards = [list(DeviceBatches(images, labels, 8, shuffle=True, seed=5, rank=r, world=world, pad=True))
+
+    def tensors():
+        return images, labels
+
+    shards = [list(DeviceLoader(tensors, 8, shuffle=True, seed=5, rank=r, world=world, pad=True))
               for r in range(world)]
     assert len({len(s) for s in shards}) == 1  # every rank takes the same number of steps
     seen = torch.cat([y for shard in shards for _, y in shard])
     assert sorted(set(seen.tolist())) == list(range(n)) and len(seen) == n + (-n % world)  # padding only
     # step t's batches across the ranks are the single-process batch t of world x 8 images
-    single = list(DeviceBatches(images, labels, 8 * world, shuffle=True, seed=5))
+    single = list(DeviceLoader(tensors, 8 * world, shuffle=True, seed=5))
     if n % world == 0:
         for t, (_, y) in enumerate(single):
             assert sorted(torch.cat([shard[t][1] for shard in shards]).tolist()) == sorted(y.tolist())
     # evaluation shards are not padded: each image counted exactly once
-    evaluated = torch.cat([y for r in range(world) for _, y in DeviceBatches(images, labels, 8, rank=r, world=world)])
+    evaluated = torch.cat([y for r in range(world) for _, y in DeviceLoader(tensors, 8, rank=r, world=world)])
     assert sorted(evaluated.tolist()) == list(range(n))
 
 
 @pytest.mark.slow
-def test_ddp_on_two_cpu_processes_inside_a_sweep_trains_like_one_process(real_run, tmp_path):
-    """2 gloo ranks x batch 64 train on exactly the batches of 1 process x batch 128, so job 0 (a whole epoch)
-    must land where the single-process run did; job 1 is short. Two jobs in one sweep: every job starts its
-    own DDP world and the ranks never relaunch the sweep; each job writes its files once, into one directory."""
+def test_ddp_sweep_under_torchrun_trains_like_one_process(real_run, tmp_path):
+    """torchrun starts 2 gloo ranks, each running the sweep; every job trains on both. 2 ranks x batch 64 train on
+    exactly the batches of 1 process x batch 128, so job 0 (a whole epoch) must land where the single-process
+    run did; job 1 is short. Each job writes its files once (rank zero), and its ranks log to their own files."""
     single = json.loads((real_run[0] / "metrics.json").read_text())
     sweep_dir = tmp_path / "sweep"
-    result = run_cli(tmp_path, "-m", "trainer=ddp", "device=cpu", "trainer.devices=2", "batch_size=64", "epochs=1",
-                     "trainer.limit_train_batches=null,40", f"hydra.sweep.dir={sweep_dir}")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    result = subprocess.run([str(torchrun), "--nproc_per_node=2", "-m", "fmnist_lab", "-m", "trainer=ddp", "device=cpu",
+                             "batch_size=64", "epochs=1", "trainer.limit_train_batches=null,40",
+                             f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = list(csv.DictReader((sweep_dir / "summary.csv").open()))
-    assert [r["status"] for r in rows] == ["ok", "ok"] and sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) \
-        == ["0", "1"]
+    assert [(r["job"], r["status"]) for r in rows] == [("0", "ok"), ("1", "ok")]
     assert result.stdout.count("artifacts: ") == 2  # one report per job: rank 1 writes nothing
 
     job = sweep_dir / "0"
     metrics = json.loads((job / "metrics.json").read_text())
     assert metrics["global_step"] == single["global_step"] == 430
     assert abs(metrics["test/acc"] - single["test/acc"]) < 0.005, (metrics["test/acc"], single["test/acc"])
-    assert metrics["onnx"]["ok"] and metrics["step"] == "lightning" and (job / "fmnist_lab_rank1.log").is_file()
+    assert metrics["onnx"]["ok"] and (job / "fmnist_lab_rank1.log").is_file()
     assert sorted(p.name for p in (job / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
-    assert sorted(p.name for p in (job / ".hydra").iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
     writers = {p.name.split(".")[4] for p in (job / "tensorboard").glob("events.out.tfevents.*")}
     assert len(writers) == 1  # every event file comes from one process, rank zero
+    assert json.loads((sweep_dir / "1" / "metrics.json").read_text())["global_step"] == 40
+
+
+@pytest.mark.slow
+def test_ddp_run_started_by_lightning_writes_its_files_once(synthetic_root, tmp_path):
+    """A single run with trainer=ddp: Lightning starts rank 1 by running the same command in the same run
+    directory; the config is saved once, and rank 1 has its own log."""
+    run_cli(tmp_path, "trainer=ddp", "device=cpu", f"data.root={synthetic_root}", "epochs=1", "logger=none",
+            "trainer.limit_train_batches=30", "trainer.limit_val_batches=2", "~callbacks.onnx_export")
+    run = only_run_dir(tmp_path)
+    assert json.loads((run / "metrics.json").read_text())["test/acc"] > 0.5
+    assert sorted(p.name for p in (run / ".hydra").iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
+    assert [p.name for p in run.glob("*.log") if p.name != "fmnist_lab.log"] == ["train_ddp_process_1.log"]
+
+
+def test_ddp_inside_a_local_sweep_is_refused_with_the_ways_that_work(monkeypatch):
+    cfg = compose_cfg("trainer=ddp", "device=cpu")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    with pytest.raises(ConfigError, match=r"trainer.devices=2.*inside a local sweep.*torchrun.*hydra/launcher=slurm"):
+        validate(cfg, sweep_launcher="hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher")
+    validate(cfg, sweep_launcher="hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher")
+    validate(cfg)  # a single run: Lightning starts the ranks
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # under torchrun every rank already runs
+    validate(cfg, sweep_launcher="hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher")
 
 
 @pytest.mark.slow
@@ -91,11 +124,12 @@ SLURM_CASES = {
 
 
 @pytest.mark.parametrize("case", SLURM_CASES)
-def test_slurm_launcher_config_composes_into_valid_sbatch_options(tmp_path, monkeypatch, case):
+def test_slurm_launcher_config_writes_a_valid_sbatch_script(tmp_path, monkeypatch, case):
+    """The launcher's parameters, given to submitit as hydra-submitit-launcher gives them, make the sbatch script
+    that submitit writes. A stand-in `sbatch` takes the submission, as a cluster would."""
     import submitit
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
     from omegaconf import OmegaConf
-    from submitit.slurm.slurm import _make_sbatch_string
 
     overrides, expected = SLURM_CASES[case]
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
@@ -105,18 +139,20 @@ def test_slurm_launcher_config_composes_into_valid_sbatch_options(tmp_path, monk
     launcher = instantiate(cfg.hydra.launcher)
     assert type(launcher).__name__ == "SlurmLauncher" and launcher.params["max_num_timeout"] == 3
 
-    # submitit wants `srun` on PATH before it builds a SLURM executor; a stub stands in for the cluster
-    (tmp_path / "bin").mkdir()
-    (tmp_path / "bin" / "srun").write_text("#!/bin/sh\n")
-    (tmp_path / "bin" / "srun").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
-    # what SlurmLauncher.launch does with its parameters before submitting (hydra-submitit-launcher 1.2)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool, script in (("srun", "#!/bin/sh\n"), ("sbatch", "#!/bin/sh\necho Submitted batch job 4242\n")):
+        (bin_dir / tool).write_text(script)
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     base = set(OmegaConf.structured(BaseQueueConf).keys())
     params = {k if k in base else f"slurm_{k}": v for k, v in launcher.params.items()
               if k not in ("submitit_folder", "max_num_timeout")}
-    executor = submitit.AutoExecutor(folder=tmp_path, cluster="slurm")
+    executor = submitit.AutoExecutor(folder=tmp_path / "jobs", cluster="slurm")
     executor.update_parameters(**params)  # raises on any option SLURM does not know
-    sbatch = _make_sbatch_string(command="python -m fmnist_lab", folder=tmp_path, **executor._executor.parameters)
+    job = executor.submit(print, "hello")
+    assert job.job_id == "4242"
+    sbatch = job.paths.submission_file.read_text()
     lines = {line.removeprefix("#SBATCH ") for line in sbatch.splitlines() if line.startswith("#SBATCH")}
     assert {"--partition=gpu", "--time=120", "--mem=32GB", "--cpus-per-task=8", *expected} <= lines
     assert any(line.startswith("--gpus-per-node") for line in lines) == ("device=cpu" not in overrides)

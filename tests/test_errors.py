@@ -22,6 +22,12 @@ BAD_CONFIG = [
     ("device=tpu", "device='tpu'", "auto, cpu, gpu"),
     ("optimizer=sgdd", "Could not find 'optimizer/sgdd'", "adam\n\tadamw\n\tsgd"),
     ("data.backend=disk", "data.backend='disk'", "data.backend=device"),
+    ("trainer.precision=8-bit", "trainer.precision='8-bit'", "bf16-mixed"),
+    ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0", "an integer >= 1"),
+    ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val=-1", "a positive number"),
+    ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps=0", "an integer >= 1"),
+    ("gpu.cuda_graphs=true", "gpu.cuda_graphs=True", "need a CUDA GPU"),
+    ("gpu.cuda_graphs=maybe", "gpu.cuda_graphs", "Value 'maybe' is not a valid bool"),
 ]
 
 

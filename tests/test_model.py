@@ -8,10 +8,10 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fmnist_lab.data import FashionMNISTDataModule
-from fmnist_lab.model import MLP, Classifier
+from fmnist_lab.models import MLP, Classifier
 
 SGD = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.05, "momentum": 0.9}
-NET = {"_target_": "fmnist_lab.model.MLP", "hidden": [64]}
+NET = {"_target_": "fmnist_lab.models.MLP", "hidden": [64]}
 
 
 def test_default_mlp_is_784_512_512_10():
@@ -33,7 +33,7 @@ def test_mlp_options():
         MLP(activation="swish")
 
 
-def _trainer(tmp_path, **kwargs) -> pl.Trainer:
+def quick_trainer(tmp_path, **kwargs) -> pl.Trainer:
     logger = pl.loggers.TensorBoardLogger(tmp_path, name="tb", version="", default_hp_metric=False)
     options = dict(accelerator="cpu", devices=1, max_epochs=1, logger=logger, enable_progress_bar=False,
                    enable_checkpointing=False, enable_model_summary=False, limit_train_batches=60,
@@ -44,8 +44,8 @@ def _trainer(tmp_path, **kwargs) -> pl.Trainer:
 def test_training_steps_learn_and_log_every_n_steps(synthetic_root, tmp_path):
     pl.seed_everything(0)
     dm = FashionMNISTDataModule(root=str(synthetic_root), batch_size=64, seed=0)
-    model = Classifier(NET, SGD, log_every_n_steps=10)
-    trainer = _trainer(tmp_path)
+    model = Classifier(NET, SGD)  # the trainer logs every 10 steps
+    trainer = quick_trainer(tmp_path)
     trainer.fit(model, datamodule=dm)
     (result,) = trainer.test(model, datamodule=dm, verbose=False)
     assert result["test/acc"] > 0.9  # the synthetic classes are easy; chance is 0.1
@@ -61,9 +61,9 @@ def test_training_steps_learn_and_log_every_n_steps(synthetic_root, tmp_path):
 
 def test_non_finite_loss_stops_training_with_a_hint(synthetic_root, tmp_path):
     dm = FashionMNISTDataModule(root=str(synthetic_root), batch_size=64, seed=0)
-    model = Classifier(NET, {**SGD, "lr": 1e6}, log_every_n_steps=5)
+    model = Classifier(NET, {**SGD, "lr": 1e6})
     with pytest.raises(FloatingPointError, match=r"training loss became nan by step \d+.*smaller `lr`"):
-        _trainer(tmp_path).fit(model, datamodule=dm)
+        quick_trainer(tmp_path, log_every_n_steps=5).fit(model, datamodule=dm)
     assert model.global_step <= 10  # stopped at the first read-back, not after the epoch
 
 

@@ -27,9 +27,9 @@ def test_wheel_ships_the_configs_and_runs_from_anywhere(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
                     str(wheel)], check=True, capture_output=True, timeout=300)
     env = {**os.environ, "PYTHONPATH": str(target)}  # ahead of the editable install on sys.path
-    where = subprocess.run([sys.executable, "-c", "import fmnist_lab.__main__ as m; print(m.__file__, m.config_dir())"],
+    where = subprocess.run([sys.executable, "-c", "import fmnist_lab.cli as m; print(m.__file__, m.config_dir())"],
                            cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout.split()
-    assert where == [str(target / "fmnist_lab" / "__main__.py"), str(target / "fmnist_lab" / "conf")]
+    assert where == [str(target / "fmnist_lab" / "cli.py"), str(target / "fmnist_lab" / "conf")]
     result = subprocess.run([sys.executable, "-m", "fmnist_lab", "--help"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "experiment: seed_tutorial" in result.stdout, result.stderr

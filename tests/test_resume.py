@@ -14,8 +14,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import compose_cfg, only_run_dir, run_cli
-from fmnist_lab.config import ConfigError, find_run, validate
-from fmnist_lab.train import ResumeError, resume_point
+from fmnist_lab.config import ConfigError, validate
+from fmnist_lab.run_dir import ResumeError, RunDir, find_run
 
 # 200 batches of 128 a epoch: a second or so, long enough to stop in the middle of epoch 2
 QUICK = ["device=cpu", "~callbacks.onnx_export", "trainer.log_every_n_steps=20", "trainer.limit_train_batches=200",
@@ -90,7 +90,7 @@ def test_resume_refuses_finished_missing_and_damaged_runs(synthetic_root, tmp_pa
     assert damaged.returncode == 1 and f"{run / 'checkpoints' / 'last.ckpt'} cannot be read" in damaged.stderr
     (run / "checkpoints" / "last.ckpt").unlink()
     with pytest.raises(ResumeError, match=r"has no checkpoints/last.ckpt .* nothing to continue"):
-        resume_point(run)  # in-process: the same check the CLI makes, without another start-up
+        RunDir(run).resume_point()  # in-process: the same check the CLI makes, without another start-up
     assert "Traceback" not in damaged.stderr
     with pytest.raises(ConfigError, match=r"resume=.*nope.* not a run directory"):
         validate(compose_cfg(f"resume={tmp_path / 'nope'}"))  # the CLI prints this paragraph and exits 1

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import sys
 import time
 import warnings
@@ -12,23 +11,19 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, RichProgressBar
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-import fmnist_lab
-from fmnist_lab.data import CLASSES
-from fmnist_lab.files import atomic_write
-from fmnist_lab.model import INPUT_DESCRIPTION
+from fmnist_lab.artifacts import export_onnx, first_images, verify_onnx
 
 
 class EpochLog(Callback):
     """One line per epoch for logs and pipes, where a live progress bar would only add noise."""
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start = time.perf_counter()  # a resumed mid-epoch run gets no on_train_epoch_start first
+        self.started = time.perf_counter()  # a resumed mid-epoch run gets no on_train_epoch_start first
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start = time.perf_counter()
+        self.started = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:  # one line per epoch, not one per DDP process
@@ -37,7 +32,7 @@ class EpochLog(Callback):
         m = trainer.callback_metrics
         val = "".join(f" {k} {float(m[k]):.4f}" for k in ("val/acc", "val/loss") if k in m)
         print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}:{val} "
-              f"({time.perf_counter() - self._start:.1f} s)", flush=True)
+              f"({time.perf_counter() - self.started:.1f} s)", flush=True)
 
 
 class EpochTimer(Callback):
@@ -45,54 +40,27 @@ class EpochTimer(Callback):
 
     def __init__(self) -> None:
         self.metrics: dict = {"epoch_seconds": []}
-        self._start: float | None = None
+        self.started: float | None = None
 
-    def _now(self, pl_module: pl.LightningModule) -> float:
+    def now(self, pl_module: pl.LightningModule) -> float:
         if pl_module.device.type == "cuda":  # once per epoch: wait for the queued steps to really finish
             torch.cuda.synchronize(pl_module.device)
         return time.perf_counter()
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start = self._now(pl_module)
+        self.started = self.now(pl_module)
 
-    def _stop(self, pl_module: pl.LightningModule) -> None:
-        if self._start is not None:
-            self.metrics["epoch_seconds"].append(round(self._now(pl_module) - self._start, 4))
-            self._start = None
+    def stop(self, pl_module: pl.LightningModule) -> None:
+        if self.started is not None:
+            self.metrics["epoch_seconds"].append(round(self.now(pl_module) - self.started, 4))
+            self.started = None
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:
-            self._stop(pl_module)
+            self.stop(pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._stop(pl_module)  # epochs without validation
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints go to a temporary file that is renamed into place: a kill in the middle of a save never
-    leaves a truncated last.ckpt (Lightning's own save writes the final path directly)."""
-
-    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(Path(path), lambda tmp: torch.save(checkpoint, tmp))
-
-
-class StepCheckpoint(Callback):
-    """`last.ckpt` also every `every_n_steps` optimizer steps (0: never), for long epochs. One Lightning batch
-    may hold several steps (`data.group_batches`), so it saves when a multiple of n has been passed, where
-    ModelCheckpoint(every_n_train_steps=n) would wait for an exact multiple that a group can skip."""
-
-    def __init__(self, dirpath: str, every_n_steps: int = 0) -> None:
-        self.path, self.every_n_steps, self._saved_at = Path(dirpath) / "last.ckpt", every_n_steps, 0
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._saved_at = trainer.global_step  # a resumed run starts counting where it was saved
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
-        n = self.every_n_steps
-        if n and trainer.global_step // n > self._saved_at // n:
-            trainer.save_checkpoint(self.path)
-            self._saved_at = trainer.global_step
+        self.stop(pl_module)  # epochs without validation
 
 
 class SaveOnInterrupt(Callback):
@@ -149,56 +117,3 @@ class OnnxExport(Callback):
                 self.error = message
             else:
                 warnings.warn(message, stacklevel=1)
-
-
-def first_images(loader, count: int) -> torch.Tensor:
-    """The first `count` images a loader yields, as CPU float32."""
-    batches, total = [], 0
-    for x, _ in loader:
-        batches.append(x.cpu().float())
-        total += len(x)
-        if total >= count:
-            break
-    return torch.cat(batches)[:count]
-
-
-def export_onnx(net: torch.nn.Module, path: Path, extra_metadata: dict[str, str], opset: int | None = None) -> None:
-    import onnx  # here, not at the top: runs without the export never load it
-
-    example = torch.rand(2, 1, 28, 28)
-    program = torch.onnx.export(net, (example,), dynamo=True, input_names=["image"], output_names=["logits"],
-                                dynamic_shapes={"x": {0: "batch"}}, external_data=False, opset_version=opset,
-                                verbose=False)
-    proto = program.model_proto
-    metadata = {"classes": json.dumps(list(CLASSES)), "input": INPUT_DESCRIPTION,
-                "output": "logits [N, 10]; softmax gives class probabilities",
-                "fmnist_lab_version": fmnist_lab.__version__, **extra_metadata}
-    for key, value in metadata.items():
-        proto.metadata_props.add(key=key, value=value)
-    atomic_write(path, lambda tmp: onnx.save_model(proto, str(tmp), save_as_external_data=False))
-
-
-def verify_onnx(net: torch.nn.Module, path: Path, images: torch.Tensor, atol: float = 1e-4) -> dict:
-    import onnx
-    import onnxruntime as ort
-
-    result: dict = {"path": str(path), "checker": False, "max_abs_diff": None, "argmax_equal": False,
-                    "batch_sizes": [1, len(images)], "atol": atol, "ok": False, "problem": None}
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-        result["checker"] = True
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        diffs, same = [], True
-        for batch in (images[:1], images):
-            with torch.no_grad():
-                expected = net(batch).numpy()
-            (got,) = session.run(["logits"], {"image": batch.numpy()})
-            diffs.append(float(abs(got - expected).max()))
-            same &= bool((got.argmax(1) == expected.argmax(1)).all())
-        result.update(max_abs_diff=max(diffs), argmax_equal=same)
-        if max(diffs) > atol or not same:
-            result["problem"] = f"max |logit difference| {max(diffs):.2e} (allowed {atol:.0e}), argmax equal: {same}"
-    except Exception as err:  # a checker or runtime failure is a verification result, reported the same way
-        result["problem"] = f"{type(err).__name__}: {err}"
-    result["ok"] = result["problem"] is None
-    return result

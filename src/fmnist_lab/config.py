@@ -8,20 +8,35 @@ the bad value and what is allowed; `python -m fmnist_lab` prints it and exits 1,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from datetime import datetime
-from pathlib import Path
+import os
+from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from fmnist_lab.run_dir import config_subdir, find_run, run_dir
+
 TRAIN_IMAGES = 60_000
 DEVICES = ("auto", "cpu", "gpu")
+PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")
 
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message says which key and how to fix it."""
+
+
+@dataclass
+class FinetuneConfig:
+    init_from: Any = None  # a run directory, .ckpt or .pth
+    strict: bool = True
+    freeze: Any = field(default_factory=list)  # Linear-layer indices or module names
+
+
+@dataclass
+class GpuConfig:
+    fused_optimizer: bool = True
+    cuda_graphs: bool = False
 
 
 @dataclass
@@ -34,6 +49,8 @@ class TrainConfig:
     task_name: str = "train"
     optimized_metric: str = "val/acc_best"
     resume: Any = None  # null, a run directory, or `latest`
+    finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig())
+    gpu: GpuConfig = field(default_factory=lambda: GpuConfig())
     paths: Any = None
     data: Any = None
     model: Any = None
@@ -51,6 +68,14 @@ def register() -> None:
     OmegaConf.register_new_resolver("config_subdir", config_subdir, replace=True)
     OmegaConf.register_new_resolver("slurm_tasks", slurm_tasks, replace=True)
     OmegaConf.register_new_resolver("slurm_gpus", slurm_gpus, replace=True)
+    OmegaConf.register_new_resolver("rank_suffix", rank_suffix, replace=True)
+
+
+def rank_suffix() -> str:
+    """`_rank<N>` in the other processes of a job started by torchrun or as SLURM tasks, so that each process
+    logs to a file of its own (`hydra.job.name`); empty in rank zero and in single-process jobs."""
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+    return f"_rank{rank}" if rank else ""
 
 
 def slurm_tasks(strategy: str, devices: Any) -> int:
@@ -63,102 +88,83 @@ def slurm_gpus(device: str, tasks: int) -> int | None:
     return None if device == "cpu" else tasks  # None: no --gpus-per-node line for CPU partitions
 
 
-def find_run(resume: str, log_dir: str) -> Path | None:
-    """The run directory that `resume` names (`latest`: the newest run under log_dir), or None."""
-    if resume == "latest":  # run folders are named <date>/<time>, so the name order is the start order
-        runs = sorted(p.parent.parent for p in Path(log_dir).glob("*/*/checkpoints/last.ckpt"))
-        return runs[-1].resolve() if runs else None
-    return Path(resume).resolve() if (Path(resume) / ".hydra" / "config.yaml").is_file() else None
-
-
-def run_dir(resume: str | None, log_dir: str, fresh: str) -> str:
-    """Hydra's run directory: the run that `resume` names, else a new `<log_dir>/<date>/<time>` (also when
-    `resume` names nothing: `validate` then stops with the error, which a resolver could only print as a
-    traceback)."""
-    found = find_run(resume, log_dir) if resume is not None else None
-    return str(found) if found else f"{log_dir}/{fresh}"
-
-
-def config_subdir(resume: str | None) -> str:
-    """Where Hydra saves the config: a resumed run keeps the original `.hydra/` and adds its own below it."""
-    return ".hydra" if resume is None else f".hydra/resumed-{datetime.now():%Y-%m-%d_%H-%M-%S}"
-
-
-def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+def check(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"Invalid config: {key}={value!r}. {allowed}")
 
 
-def validate(cfg: DictConfig) -> None:
-    """Check every value a run depends on, before any data is read or any process started."""
+def validate(cfg: DictConfig, sweep_launcher: str | None = None) -> None:
+    """Check every value a run depends on, before any data is read or any process started. `sweep_launcher`:
+    the `_target_` of Hydra's launcher when this is a job of a sweep."""
     if cfg.get("resume") is not None:
         latest = f"No run under {cfg.paths.log_dir}/ has a checkpoint to continue from. "
-        _check(find_run(cfg.resume, cfg.paths.log_dir) is not None, "resume", cfg.resume,
-               (latest if cfg.resume == "latest" else "That is not a run directory (no .hydra/config.yaml). ")
-               + f"Give the folder of a run (e.g. {cfg.paths.log_dir}/2026-01-31/12-00-00) or resume=latest.")
+        check(find_run(cfg.resume, cfg.paths.log_dir) is not None, "resume", cfg.resume,
+              (latest if cfg.resume == "latest" else "That is not a run directory (no .hydra/config.yaml). ")
+              + f"Give the folder of a run (e.g. {cfg.paths.log_dir}/2026-01-31/12-00-00) or resume=latest.")
         return  # a resumed run uses the config it was started with, checked back then
-    _check(cfg.device in DEVICES, "device", cfg.device, f"Use one of {', '.join(DEVICES)} (e.g. device=cpu).")
+    check(cfg.device in DEVICES, "device", cfg.device, f"Use one of {', '.join(DEVICES)} (e.g. device=cpu).")
     if cfg.device == "gpu":
         import torch
 
-        _check(torch.cuda.is_available(), "device", "gpu", "No CUDA GPU is visible to PyTorch here "
-               "(torch.cuda.is_available() is False); use device=cpu, or device=auto to take a GPU when there is one.")
-    _check(cfg.epochs >= 1, "epochs", cfg.epochs, "The number of training epochs must be at least 1.")
+        check(torch.cuda.is_available(), "device", "gpu", "No CUDA GPU is visible to PyTorch here "
+              "(torch.cuda.is_available() is False); use device=cpu, or device=auto to take a GPU when there is one.")
+    check(cfg.epochs >= 1, "epochs", cfg.epochs, "The number of training epochs must be at least 1.")
     for key, value in (("lr", cfg.lr), ("optimizer.lr", cfg.optimizer.get("lr", 1.0))):
-        _check(isinstance(value, int | float) and math.isfinite(value) and value > 0, key, value,
-               "The learning rate must be a finite number > 0 (e.g. lr=0.05 for SGD, lr=1e-3 for Adam).")
+        check(isinstance(value, int | float) and math.isfinite(value) and value > 0, key, value,
+              "The learning rate must be a finite number > 0 (e.g. lr=0.05 for SGD, lr=1e-3 for Adam).")
 
     data = cfg.data
-    _check(isinstance(data.val_size, int) and 0 < data.val_size < TRAIN_IMAGES, "data.val_size", data.val_size,
-           f"The validation set is taken from the {TRAIN_IMAGES:,} training images: use 1..{TRAIN_IMAGES - 1} "
-           "(default 5000).")
+    check(isinstance(data.val_size, int) and 0 < data.val_size < TRAIN_IMAGES, "data.val_size", data.val_size,
+          f"The validation set is taken from the {TRAIN_IMAGES:,} training images: use 1..{TRAIN_IMAGES - 1} "
+          "(default 5000).")
     train_size = TRAIN_IMAGES - data.val_size
     for key, value in (("batch_size", cfg.batch_size), ("data.batch_size", data.batch_size),
                        ("data.eval_batch_size", data.eval_batch_size)):
-        _check(isinstance(value, int) and 1 <= value <= train_size, key, value,
-               f"A batch size must be an integer from 1 to the {train_size:,} training images (e.g. 128).")
-    _check(data.backend in ("device", "dataloader"), "data.backend", data.backend,
-           "Use data.backend=device (whole splits on the training device) or data.backend=dataloader.")
+        check(isinstance(value, int) and 1 <= value <= train_size, key, value,
+              f"A batch size must be an integer from 1 to the {train_size:,} training images (e.g. 128).")
+    check(data.backend in ("device", "dataloader"), "data.backend", data.backend,
+          "Use data.backend=device (whole splits on the training device) or data.backend=dataloader.")
 
     model = cfg.model
     hidden = list(model.get("hidden", []))
-    _check(all(isinstance(h, int) and h > 0 for h in hidden), "model.hidden", hidden,
-           "Hidden layer widths must be positive integers, e.g. model.hidden=[512,512].")
+    check(all(isinstance(h, int) and h > 0 for h in hidden), "model.hidden", hidden,
+          "Hidden layer widths must be positive integers, e.g. model.hidden=[512,512].")
     dropout = model.get("dropout", 0.0)
-    _check(isinstance(dropout, int | float) and 0 <= dropout < 1, "model.dropout", dropout,
-           "Dropout is a probability: 0 <= model.dropout < 1.")
+    check(isinstance(dropout, int | float) and 0 <= dropout < 1, "model.dropout", dropout,
+          "Dropout is a probability: 0 <= model.dropout < 1.")
 
     trainer = cfg.trainer
-    group = data.get("group_batches", 1)
-    _check(isinstance(group, int) and group >= 1, "data.group_batches", group,
-           "It is how many training batches Lightning gets at once: an integer >= 1.")
-    graphs = trainer.get("cuda_graphs", "auto")
-    _check(graphs in ("auto", "on", "off"), "trainer.cuda_graphs", graphs,
-           "Use auto (capture the training step as a CUDA graph where that works), on, or off.")
-    if graphs == "on":
-        import torch
-
-        blockers = [why for why, blocked in (
-            ("trainer.precision is not 32-true", trainer.get("precision", "32-true") not in ("32-true", "32", 32)),
-            ("trainer.gradient_clip_val is set", bool(trainer.get("gradient_clip_val"))),
-            ("trainer=ddp trains on several devices", trainer.get("strategy") == "ddp"),
-        ) if blocked]
-        _check(not blockers, "trainer.cuda_graphs", graphs, f"A captured step cannot work here: {'; '.join(blockers)}. "
-               "Use trainer.cuda_graphs=auto (it captures the step only where that works) or off.")
-        _check(cfg.device != "cpu" and torch.cuda.is_available(), "trainer.cuda_graphs", graphs,
-               "CUDA graphs need a CUDA GPU, and this run trains on the CPU; use trainer.cuda_graphs=auto (it "
-               "captures the step whenever the run does train on a GPU) or off.")
+    precision = str(trainer.get("precision", "32-true"))
+    check(precision in PRECISIONS, "trainer.precision", precision, f"Use one of {', '.join(PRECISIONS)} "
+          "(bf16-mixed works on CPUs and recent GPUs; 16-mixed needs a CUDA GPU).")
     accumulate = trainer.get("accumulate_grad_batches", 1)
-    _check(accumulate == 1, "trainer.accumulate_grad_batches", accumulate,
-           "fmnist_lab's model owns the optimizer step (Lightning manual optimization), which does not accumulate "
-           "gradients; the whole data set is on the device, so raise batch_size instead (e.g. batch_size=512).")
+    check(isinstance(accumulate, int) and accumulate >= 1, "trainer.accumulate_grad_batches", accumulate,
+          "It is how many batches' gradients are summed before each optimizer step: an integer >= 1.")
+    clip = trainer.get("gradient_clip_val")
+    check(clip is None or (isinstance(clip, int | float) and clip > 0), "trainer.gradient_clip_val", clip,
+          "Use a positive number (e.g. 1.0) to clip gradients to that norm, or null for no clipping.")
+    every = trainer.get("log_every_n_steps", 50)
+    check(isinstance(every, int) and every >= 1, "trainer.log_every_n_steps", every,
+          "The train loss is read back and logged every this many optimizer steps: an integer >= 1 (e.g. 50).")
+    check(not (cfg.gpu.cuda_graphs and cfg.device == "cpu"), "gpu.cuda_graphs", True,
+          "CUDA graphs need a CUDA GPU and this run trains on the CPU (device=cpu); drop gpu.cuda_graphs=true.")
     devices = trainer.get("devices", 1)
-    _check(devices == "auto" or (isinstance(devices, int) and devices >= 1) or isinstance(devices, list | ListConfig),
-           "trainer.devices", devices, "Use a number of devices (processes under trainer=ddp), a list of GPU "
-           "indices, or auto.")
+    check(devices == "auto" or (isinstance(devices, int) and devices >= 1) or isinstance(devices, list | ListConfig),
+          "trainer.devices", devices, "Use a number of devices (processes under trainer=ddp), a list of GPU "
+          "indices, or auto.")
     if isinstance(devices, int) and cfg.device == "gpu":
         import torch
 
-        _check(devices <= torch.cuda.device_count(), "trainer.devices", devices,
-               f"This machine has {torch.cuda.device_count()} CUDA GPU(s); ask for at most that many, or use "
-               "device=cpu trainer=ddp trainer.devices=N for N CPU processes.")
+        check(devices <= torch.cuda.device_count(), "trainer.devices", devices,
+              f"This machine has {torch.cuda.device_count()} CUDA GPU(s); ask for at most that many, or use "
+              "device=cpu trainer=ddp trainer.devices=N for N CPU processes.")
+    ranks = devices if isinstance(devices, int) else len(devices) if isinstance(devices, list | ListConfig) else 1
+    local = sweep_launcher is not None and "slurm" not in sweep_launcher.lower()
+    # Lightning starts DDP ranks 1..n-1 by running this process's command line again, which in a sweep is the
+    # whole sweep; under torchrun (LOCAL_WORLD_SIZE set) or as SLURM tasks every rank already runs.
+    check(not (local and ranks > 1 and str(trainer.get("strategy", "auto")).startswith("ddp")
+               and "LOCAL_WORLD_SIZE" not in os.environ), "trainer.devices", devices,
+          "trainer=ddp with several devices inside a local sweep would start every rank by running the whole "
+          "sweep again. Start the sweep under torchrun, which runs every rank itself (torchrun --nproc_per_node="
+          f"{ranks} -m fmnist_lab -m trainer=ddp trainer.devices={ranks} hydra.sweep.dir=<dir> ...), or use "
+          "hydra/launcher=slurm (one SLURM task per rank).")

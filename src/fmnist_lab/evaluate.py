@@ -5,12 +5,12 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from fmnist_lab.predict import UsageError, parse_args
+from fmnist_lab.run_dir import RunDir
 
 USAGE = __doc__.split("\n\n")[1].strip()
 
@@ -20,8 +20,8 @@ def evaluate(run: str | Path, root: str | None = None, device: str = "auto") -> 
     import torch
     import torch.nn.functional as F
 
+    from fmnist_lab.artifacts import load_model
     from fmnist_lab.data import FashionMNISTDataModule
-    from fmnist_lab.model import load_model
 
     if device == "gpu" and not torch.cuda.is_available():
         raise UsageError("device=gpu, but no CUDA GPU is visible; use device=cpu or device=auto.")
@@ -49,20 +49,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"unexpected {' '.join([*extra, *flags])}.\nusage: {USAGE}")
         run = Path(options["run"])
         recorded_root = None
-        hydra_config = run / ".hydra" / "config.yaml"
-        if run.is_dir() and hydra_config.is_file():  # test on the same files the run used
+        if RunDir(run).config.is_file():  # test on the same files the run used
             from omegaconf import OmegaConf
 
-            recorded_root = OmegaConf.load(hydra_config).data.get("root")
+            recorded_root = OmegaConf.load(RunDir(run).config).data.get("root")
         result = evaluate(run, options["data.root"] or recorded_root, options["device"])
     except (UsageError, FileNotFoundError, ValueError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"test/acc {result['test/acc']:.4f}  test/loss {result['test/loss']:.4f}  "
           f"({result['count']:,} test images, model {run})")
-    metrics_file = run / "metrics.json"
-    if metrics_file.is_file():
-        recorded = json.loads(metrics_file.read_text())["test/acc"]
+    recorded = RunDir(run).read_metrics().get("test/acc") if run.is_dir() else None
+    if recorded is not None:
         print(f"the run recorded test/acc {recorded:.4f} "
               f"(difference {100 * (result['test/acc'] - recorded):+.2f} points)")
     return 0

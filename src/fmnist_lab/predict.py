@@ -97,8 +97,8 @@ def load_predictor(model: str) -> tuple[Callable[[np.ndarray], np.ndarray], list
 
     import torch
 
+    from fmnist_lab.artifacts import load_model
     from fmnist_lab.data import CLASSES
-    from fmnist_lab.model import load_model
 
     net = load_model(path)
     description = (path if path.is_dir() else path.parent) / "model.json"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 import os
@@ -23,17 +22,11 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from fmnist_lab.files import atomic_write, write_json
+from fmnist_lab.run_dir import RunDir, atomic_write, is_rank_zero
 
 log = logging.getLogger(__name__)
 COLUMNS = ["job", "status", "objective", "val/acc_best", "test/acc", "test/loss", "epochs", "train_seconds",
            "overrides", "error", "run_dir"]
-
-
-def is_rank_zero() -> bool:
-    """False in the other processes of a multi-process job (SLURM tasks, Lightning's DDP ranks), which train
-    along but leave the job's files to rank zero."""
-    return all(int(os.environ.get(k, 0)) == 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 
 def is_multirun() -> bool:
@@ -42,18 +35,20 @@ def is_multirun() -> bool:
 
 def job_row(config: DictConfig, job_return: JobReturn, metric: str) -> dict[str, Any]:
     """One job's row: its own metrics.json when it got that far, else the exception Hydra caught."""
-    run_dir = Path(config.hydra.runtime.output_dir)
-    metrics_file = run_dir / "metrics.json"
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    run = RunDir(config.hydra.runtime.output_dir)
+    metrics = run.read_metrics()
     error = metrics.get("error")
-    if job_return.status == JobStatus.FAILED:
-        error = error or f"{type(job_return._return_value).__name__}: {job_return._return_value}"
+    if job_return.status == JobStatus.FAILED and not error:
+        try:
+            job_return.return_value  # noqa: B018 -- a failed job's return_value raises the job's exception
+        except Exception as err:
+            error = f"{type(err).__name__}: {err}"
     status = "failed" if error or metrics.get("status") == "failed" else "ok"
     row = {k: metrics.get(k) for k in ("val/acc_best", "test/acc", "test/loss", "epochs", "train_seconds")}
     return {**row, "job": config.hydra.job.num, "status": status,
             "objective": metrics.get(metric) if status == "ok" else None,
             "overrides": " ".join(config.hydra.overrides.task), "error": (error or "").split("\n")[0][:300],
-            "run_dir": str(run_dir)}
+            "run_dir": str(run.path)}
 
 
 def append_row(path: Path, row: dict[str, Any]) -> None:
@@ -151,6 +146,8 @@ class SweepSummary(Callback):
         self.earlier_rows = 0
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not is_rank_zero():  # under torchrun every rank runs the sweep; rank zero keeps its books
+            return
         path = Path(config.hydra.sweep.dir) / "summary.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.is_file():  # a resumed sweep (same hydra.sweep.dir) keeps appending to its summary
@@ -168,6 +165,8 @@ class SweepSummary(Callback):
         append_row(Path(config.hydra.sweep.dir) / "summary.csv", row)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if not is_rank_zero():
+            return
         sweep_dir = Path(config.hydra.sweep.dir)
         all_rows = read_rows(sweep_dir / "summary.csv")
         rows = ranked(all_rows, self.mode)
@@ -183,15 +182,6 @@ class SweepSummary(Callback):
         if failed:
             raise SystemExit(f"{len(failed)} of {len(this_run)} sweep jobs failed (jobs {', '.join(failed)}); "
                              f"see {sweep_dir / 'summary.md'}")
-
-
-def record_failure(cfg: DictConfig, err: BaseException) -> None:
-    """Mark the job's metrics.json failed (keeping whatever the job measured) so the summary can say why."""
-    if not is_rank_zero():
-        return
-    path = Path(cfg.paths.output_dir) / "metrics.json"
-    metrics = json.loads(path.read_text()) if path.is_file() else {}
-    write_json(path, {**metrics, "status": "failed", "error": f"{type(err).__name__}: {err}"})
 
 
 def share_machine(cfg: DictConfig) -> None:

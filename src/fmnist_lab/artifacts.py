@@ -1,0 +1,173 @@
+"""What a trained network leaves behind and how it comes back: the weights file and its model.json, safe
+loading of any of them, warm start, frozen layers, and the ONNX export with its check against PyTorch.
+
+Every load is `torch.load(..., weights_only=True)`: tensors and plain containers only, never code.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from torch import nn
+
+import fmnist_lab
+from fmnist_lab.data.idx import CLASSES
+from fmnist_lab.run_dir import RunDir, atomic_write, write_json
+
+INPUT_DESCRIPTION = "float32 [N, 1, 28, 28]: grayscale pixels in [0, 1], light garment on black (as ToTensor gives)"
+
+
+class UnsafeFileError(ValueError):
+    """A file that would need arbitrary unpickling (e.g. a whole model saved with `torch.save(model)`)."""
+
+
+def read_file(path: Path) -> Any:
+    """`torch.load(path, weights_only=True)`: tensors and plain containers only, never arbitrary code."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: give a run directory, a .ckpt or a .pth file.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UnsafeFileError(
+            f"{path} holds pickled Python objects, not just tensors (a model saved with `torch.save(model)`?). "
+            "Loading it could run arbitrary code, so fmnist_lab refuses it. Save `model.state_dict()` instead, "
+            "or use a run's model_weights.pth or checkpoints/best.ckpt."
+        ) from err
+
+
+def save_weights(net: nn.Module, net_config: dict, folder: Path, classes: Sequence[str]) -> Path:
+    """`model_weights.pth` (the state_dict, as in the PyTorch tutorial) + `model.json` (how to rebuild it)."""
+    run = RunDir(folder)
+    write_json(run.model_json, {"net": net_config, "classes": list(classes), "input": INPUT_DESCRIPTION})
+    return atomic_write(run.weights, lambda tmp: torch.save(net.state_dict(), tmp))
+
+
+def read_weights(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(net config, state_dict) from a run directory, a Lightning .ckpt, or a .pth with model.json beside it."""
+    path = Path(path)
+    if path.is_dir():
+        run = RunDir(path)
+        found = run.model_file()
+        if found is None:
+            raise FileNotFoundError(f"{path} holds no model: looked for {run.weights}, {run.best} and {run.last}.")
+        path = found
+    data = read_file(path)
+    if path.suffix == ".ckpt":
+        net_config = data.get("hyper_parameters", {}).get("net")
+        if net_config is None:
+            raise ValueError(f"{path} is a checkpoint without fmnist_lab's `net` hyperparameters.")
+        return net_config, {k.removeprefix("net."): v for k, v in data["state_dict"].items() if k.startswith("net.")}
+    description = path.with_name("model.json")
+    if not description.is_file():
+        raise FileNotFoundError(f"{path} is a bare state_dict; {description} must sit beside it to say which "
+                                "architecture the weights belong to (every run writes the pair).")
+    return json.loads(description.read_text())["net"], data
+
+
+def load_model(path: str | Path) -> nn.Module:
+    """An eval-mode network on the CPU from a run directory, a .ckpt or a .pth (always `weights_only`)."""
+    net_config, state = read_weights(path)
+    net = instantiate(net_config)
+    net.load_state_dict(state)
+    return net.eval()
+
+
+def warm_start(net: nn.Module, path: str | Path, strict: bool = True) -> list[str]:
+    """Copy weights from a run/.ckpt/.pth into `net`; `strict=False` takes every tensor whose name and shape
+    match and skips the rest. Returns the names of the tensors loaded."""
+    _, state = read_weights(path)
+    own = net.state_dict()
+    loaded = [k for k, v in state.items() if k in own and own[k].shape == v.shape]
+    if strict and not (len(loaded) == len(own) == len(state)):
+        mismatched = sorted((set(own) | set(state)) - set(loaded))
+        raise ValueError(f"finetune.init_from={path} does not match this model ({', '.join(mismatched)} differ in "
+                         "name or shape); set finetune.strict=false to load only the tensors that match.")
+    net.load_state_dict({k: state[k] for k in loaded}, strict=False)
+    return loaded
+
+
+def freeze(net: nn.Module, layers: Sequence[int | str]) -> list[str]:
+    """Freeze layers given as an index into the Linear layers (0 = first, -1 = last) or a module name
+    (`layers.0`). Frozen parameters get `requires_grad=False` and stay out of the optimizer."""
+    linears = [name for name, m in net.named_modules() if isinstance(m, nn.Linear)]
+    modules = dict(net.named_modules())
+    names = []
+    for layer in layers:
+        if isinstance(layer, int):
+            if not -len(linears) <= layer < len(linears):
+                raise ValueError(f"finetune.freeze: index {layer} is out of range; the model has {len(linears)} "
+                                 f"Linear layers ({', '.join(linears)}).")
+            layer = linears[layer]
+        if layer not in modules or not layer:
+            raise ValueError(f"finetune.freeze: no layer named {layer!r}; use an index or one of {', '.join(linears)}.")
+        modules[layer].requires_grad_(False)
+        names.append(layer)
+    return names
+
+
+def parameter_counts(net: nn.Module) -> dict[str, int]:
+    total = sum(p.numel() for p in net.parameters())
+    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable, "frozen": total - trainable}
+
+
+# --- ONNX ---------------------------------------------------------------------------------------------
+
+
+def first_images(loader, count: int) -> torch.Tensor:
+    """The first `count` images a loader yields, as CPU float32."""
+    batches, total = [], 0
+    for x, _ in loader:
+        batches.append(x.cpu().float())
+        total += len(x)
+        if total >= count:
+            break
+    return torch.cat(batches)[:count]
+
+
+def export_onnx(net: nn.Module, path: Path, extra_metadata: dict[str, str], opset: int | None = None) -> None:
+    import onnx  # here, not at the top: runs without the export never load it
+
+    example = torch.rand(2, 1, 28, 28)
+    program = torch.onnx.export(net, (example,), dynamo=True, input_names=["image"], output_names=["logits"],
+                                dynamic_shapes={"x": {0: "batch"}}, external_data=False, opset_version=opset,
+                                verbose=False)
+    proto = program.model_proto
+    metadata = {"classes": json.dumps(list(CLASSES)), "input": INPUT_DESCRIPTION,
+                "output": "logits [N, 10]; softmax gives class probabilities",
+                "fmnist_lab_version": fmnist_lab.__version__, **extra_metadata}
+    for key, value in metadata.items():
+        proto.metadata_props.add(key=key, value=value)
+    atomic_write(path, lambda tmp: onnx.save_model(proto, str(tmp), save_as_external_data=False))
+
+
+def verify_onnx(net: nn.Module, path: Path, images: torch.Tensor, atol: float = 1e-4) -> dict:
+    import onnx
+    import onnxruntime as ort
+
+    result: dict = {"path": str(path), "checker": False, "max_abs_diff": None, "argmax_equal": False,
+                    "batch_sizes": [1, len(images)], "atol": atol, "ok": False, "problem": None}
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+        result["checker"] = True
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        diffs, same = [], True
+        for batch in (images[:1], images):
+            with torch.no_grad():
+                expected = net(batch).numpy()
+            (got,) = session.run(["logits"], {"image": batch.numpy()})
+            diffs.append(float(abs(got - expected).max()))
+            same &= bool((got.argmax(1) == expected.argmax(1)).all())
+        result.update(max_abs_diff=max(diffs), argmax_equal=same)
+        if max(diffs) > atol or not same:
+            result["problem"] = f"max |logit difference| {max(diffs):.2e} (allowed {atol:.0e}), argmax equal: {same}"
+    except Exception as err:  # a checker or runtime failure is a verification result, reported the same way
+        result["problem"] = f"{type(err).__name__}: {err}"
+    result["ok"] = result["problem"] is None
+    return result

@@ -1,0 +1,89 @@
+"""`python -m fmnist_lab [overrides]`: the Hydra app that trains with conf/train.yaml (`-m` for sweeps).
+
+One error policy for every job, alone or in a sweep: the config is checked before any work; a failure ends
+the job with one paragraph (a traceback in the log only for errors fmnist_lab did not foresee) and marks its
+metrics.json failed, keeping its checkpoints. A single run then exits 1; a sweep records the job and goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from fmnist_lab.config import ConfigError, register, validate
+from fmnist_lab.run_dir import ResumeError, RunDir, is_rank_zero
+
+log = logging.getLogger(__name__)
+register()  # the typed schema conf/train.yaml builds on
+
+
+def config_dir() -> str:
+    """The configs: inside the package for a wheel install, the repo's top-level conf/ for an editable one."""
+    packaged = Path(__file__).with_name("conf")
+    return str(packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """One job. Returns the objective for sweepers: `optimized_metric`, or None for a failed job."""
+    from fmnist_lab.sweep import is_multirun, share_machine  # heavy imports here: `--help` answers at once
+
+    launcher = HydraConfig.get().launcher.get("_target_", "") if is_multirun() else None
+    if launcher is not None:
+        share_machine(cfg)
+    value, failure = run_job(cfg, launcher)
+    if failure is None:
+        return value
+    if launcher is not None:  # the sweep goes on; its summary lists this job with the error
+        log.error(f"job failed: {failure}")
+        return None  # Optuna counts a trial without a value as failed
+    print(f"error: {failure}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def run_job(cfg: DictConfig, sweep_launcher: str | None) -> tuple[float | None, str | None]:
+    """Check the config and train: (objective, None), or (None, one paragraph saying what went wrong)."""
+    run = RunDir(cfg.paths.output_dir)
+    try:
+        validate(cfg, sweep_launcher)
+        from fmnist_lab.train import train
+
+        if cfg.resume is not None:  # continue with the config the run was started with (Hydra is in its directory)
+            others = [o for o in HydraConfig.get().overrides.task if not o.startswith("resume=")]
+            if others:
+                log.warning(f"resume uses the run's own config; ignoring {' '.join(others)}")
+            metrics = train(OmegaConf.load(run.config), resume=True)
+        else:
+            # A requeued SLURM job (preempted, or out of time) starts again in its own directory: continue there.
+            # Only then: a sweep run again into an old sweep directory must not pick up another config's run.
+            requeued = int(os.environ.get("SLURM_RESTART_COUNT", 0)) > 0 and run.last.is_file()
+            metrics = train(cfg, resume=requeued)
+    except ResumeError as err:  # nothing was run: the run directory stays as it was
+        return None, str(err)
+    except Exception as err:
+        if not isinstance(err, ConfigError | FloatingPointError) and not is_foreseen(err):
+            log.exception("unexpected error")  # a bug: the traceback goes to the log and the console
+        if is_rank_zero():
+            run.mark_failed(err)
+        if isinstance(err, ConfigError):
+            return None, str(err)
+        return None, (f"{err}\nThe run is marked failed in {run.metrics}; its checkpoints (up to the last good "
+                      "epoch) are kept.")
+    value = metrics.get(cfg.get("optimized_metric"))
+    return (value if value is not None and math.isfinite(value) else None), None
+
+
+def is_foreseen(err: Exception) -> bool:
+    """Errors that fmnist_lab raises with a message that says what to do: no traceback for them."""
+    from fmnist_lab.artifacts import UnsafeFileError
+    from fmnist_lab.data import DataError
+    from fmnist_lab.train import ArtifactError
+
+    return isinstance(err, DataError | ArtifactError | UnsafeFileError)

@@ -1,0 +1,104 @@
+"""A run's directory: the names of the files a run writes, metrics.json and its failure marks, the point a
+stopped run resumes from, which run `resume=` names, and atomic writes (a kill never leaves half a file).
+
+Nothing else in fmnist_lab spells out a run's file names; conf/ only passes the checkpoint folder and the
+ONNX path to the callbacks that write them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+
+def is_rank_zero() -> bool:
+    """False in the other processes of a multi-process job (SLURM tasks, torchrun or Lightning's DDP ranks),
+    which train along but leave the job's files to rank zero."""
+    return all(int(os.environ.get(k, 0)) == 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
+class ResumeError(RuntimeError):
+    """A run cannot be continued: no checkpoint, or a damaged one."""
+
+
+def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
+    """Call `write(tmp)` for a temporary file beside `path`, then rename it into place (atomic on POSIX)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path: Path, data: dict) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+
+
+class RunDir:
+    """The files of one run (Hydra's run directory, or one job's folder in a sweep)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.checkpoints = self.path / "checkpoints"
+        self.last, self.best = self.checkpoints / "last.ckpt", self.checkpoints / "best.ckpt"
+        self.metrics = self.path / "metrics.json"
+        self.weights, self.model_json = self.path / "model_weights.pth", self.path / "model.json"
+        self.tensorboard = self.path / "tensorboard"
+        self.config = self.path / ".hydra" / "config.yaml"
+
+    def read_metrics(self) -> dict[str, Any]:
+        return json.loads(self.metrics.read_text()) if self.metrics.is_file() else {}
+
+    def write_metrics(self, metrics: dict[str, Any]) -> None:
+        write_json(self.metrics, metrics)
+
+    def mark_failed(self, err: BaseException) -> None:
+        """metrics.json says the run failed and why, keeping whatever the run measured before."""
+        self.write_metrics({**self.read_metrics(), "status": "failed", "error": f"{type(err).__name__}: {err}"})
+
+    def finished(self) -> dict[str, Any]:
+        """The metrics of a run that ended well, else {}."""
+        metrics = self.read_metrics()
+        return metrics if metrics and metrics.get("status") != "failed" else {}
+
+    def model_file(self) -> Path | None:
+        """The file that holds the run's trained network: the tested weights, else the best or last checkpoint."""
+        return next((f for f in (self.weights, self.best, self.last) if f.is_file()), None)
+
+    def resume_point(self) -> tuple[Path, int]:
+        """checkpoints/last.ckpt of an unfinished run and its global step; a clear error if there is none."""
+        if not self.last.is_file():
+            raise ResumeError(f"resume: {self.path} has no checkpoints/last.ckpt (it stopped before its first "
+                              "checkpoint), so there is nothing to continue; start a new run with the same overrides "
+                              "instead.")
+        import torch  # here: the CLI reads this module before it imports torch
+
+        try:
+            return self.last, int(torch.load(self.last, map_location="cpu", weights_only=True)["global_step"])
+        except Exception as err:
+            raise ResumeError(f"resume: {self.last} cannot be read ({type(err).__name__}: {err}). It is damaged; "
+                              "checkpoints/best.ckpt may still be intact, or start a new run.") from err
+
+
+def find_run(resume: str, log_dir: str) -> Path | None:
+    """The run directory that `resume` names (`latest`: the newest run under log_dir), or None."""
+    if resume == "latest":  # run folders are named <date>/<time>, so the name order is the start order
+        runs = sorted(p.parent.parent for p in Path(log_dir).glob("*/*/checkpoints/last.ckpt"))
+        return runs[-1].resolve() if runs else None
+    return Path(resume).resolve() if RunDir(resume).config.is_file() else None
+
+
+def run_dir(resume: str | None, log_dir: str, fresh: str) -> str:
+    """Hydra's run directory (the `run_dir` resolver): the run that `resume` names, else a new
+    `<log_dir>/<date>/<time>` (also when `resume` names nothing: `validate` then stops with the error, which
+    a resolver could only print as a traceback)."""
+    found = find_run(resume, log_dir) if resume is not None else None
+    return str(found) if found else f"{log_dir}/{fresh}"
+
+
+def config_subdir(resume: str | None) -> str:
+    """Where Hydra saves the config: a resumed run keeps the original `.hydra/` and adds its own below it."""
+    return ".hydra" if resume is None else f".hydra/resumed-{datetime.now():%Y-%m-%d_%H-%M-%S}"
