@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -31,7 +32,7 @@ def test_one_epoch_on_real_data_writes_the_whole_contract(real_run):
     assert set(weights) == {f"layers.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")}
     assert metrics["onnx"]["ok"] and metrics["onnx"]["max_abs_diff"] <= 1e-4 and (run / "model.onnx").is_file()
     assert metrics["params"] == {"total": 669_706, "trainable": 669_706, "frozen": 0}
-    assert metrics["best_checkpoint"] == str(run / "checkpoints" / "best.ckpt")
+    assert metrics["best_checkpoint"] == "checkpoints/best.ckpt"  # relative: the run can move
     assert (run / ".hydra" / "config.yaml").is_file() and (run / ".hydra" / "overrides.yaml").is_file()
 
     events = EventAccumulator(str(run / "tensorboard"))
@@ -68,3 +69,18 @@ def test_missing_data_is_one_clear_error(tmp_path):
     assert result.returncode == 1
     assert f"data.root={tmp_path}" in result.stderr and "make data" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_csv_logger_gets_the_final_metrics_and_the_run_keeps_its_files(synthetic_root, tmp_path):
+    """logger=csv (whose log_hyperparams takes no metrics) trains, tests and records the final numbers."""
+    from conftest import compose_cfg
+    from fmnist_lab.train import train
+
+    metrics = train(compose_cfg(f"data.root={synthetic_root}", "device=cpu", "debug=limit", "epochs=1", "logger=csv",
+                                "~callbacks.onnx_export", output_dir=tmp_path))
+    assert (tmp_path / "metrics.json").is_file() and (tmp_path / "model_weights.pth").is_file()
+    (csv_file,) = tmp_path.rglob("metrics.csv")
+    rows = list(csv.DictReader(csv_file.open()))
+    final = [r for r in rows if r.get("hp/test_acc")]
+    assert len(final) == 1 and float(final[0]["hp/test_acc"]) == pytest.approx(metrics["test/acc"])
+    assert any(r.get("val/acc") for r in rows)  # the curves are there too

@@ -50,10 +50,11 @@ def test_short_keys_reach_the_groups(tmp_path):
 def test_default_run_writes_best_and_last_checkpoints(tmp_path):
     cfg = compose_cfg(output_dir=tmp_path)
     _, _, trainer = build(cfg)
-    (checkpoint,) = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor]
-    assert (checkpoint.dirpath, checkpoint.monitor, checkpoint.mode) == (str(tmp_path / "checkpoints"), "val/acc",
-                                                                        "max")
-    assert checkpoint.filename == "best" and checkpoint.save_last
+    (best,) = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor]
+    assert (best.dirpath, best.monitor, best.mode, best.filename) == (str(tmp_path / "checkpoints"), "val/acc", "max",
+                                                                      "best")
+    (last,) = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and not c.monitor]
+    assert (last.dirpath, last.filename, last.save_top_k) == (str(tmp_path / "checkpoints"), "last", 1)
 
 
 def test_seed_tutorial_is_the_tutorials_recipe(tmp_path):

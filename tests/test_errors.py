@@ -28,6 +28,12 @@ BAD_CONFIG = [
     ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps=0", "an integer >= 1"),
     ("gpu.cuda_graphs=true", "gpu.cuda_graphs=True", "need a CUDA GPU"),
     ("gpu.cuda_graphs=maybe", "gpu.cuda_graphs", "Value 'maybe' is not a valid bool"),
+    ("seed=-1", "seed=-1", "from 0 to 2**32 - 1"),
+    ("seed=4294967296", "seed=4294967296", "from 0 to 2**32 - 1"),
+    ("optimizer.momentum=1.0", "optimizer.momentum=1.0", "0 <= optimizer.momentum < 1"),
+    ("trainer.devices=2", "trainer.devices=2", "add trainer=ddp"),
+    ("finetune.freeze=[3]", "finetune.freeze: index 3 is out of range", "3 Linear layers"),
+    ("finetune.init_from=nowhere", "finetune.init_from='nowhere'", "give a run directory, a .ckpt or a .pth"),
 ]
 
 

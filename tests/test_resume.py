@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,6 +71,8 @@ def test_sigterm_saves_last_ckpt_and_the_resumed_run_ends_like_an_uninterrupted_
     a = json.loads((straight / "metrics.json").read_text())
     b = json.loads((run / "metrics.json").read_text())
     assert (b["epochs"], b["global_step"], b["resumed_from_step"]) == (3, 3 * 200, step)
+    # the time of both sessions: three epochs, and a fit time that covers them
+    assert len(b["epoch_seconds"]) == 3 and b["train_seconds"] >= sum(b["epoch_seconds"])
     assert (a["test/acc"], a["test/loss"], a["val/acc_best"]) == (b["test/acc"], b["test/loss"], b["val/acc_best"])
     weights_a = torch.load(straight / "model_weights.pth", weights_only=True)
     weights_b = torch.load(run / "model_weights.pth", weights_only=True)
@@ -94,3 +97,26 @@ def test_resume_refuses_finished_missing_and_damaged_runs(synthetic_root, tmp_pa
     assert "Traceback" not in damaged.stderr
     with pytest.raises(ConfigError, match=r"resume=.*nope.* not a run directory"):
         validate(compose_cfg(f"resume={tmp_path / 'nope'}"))  # the CLI prints this paragraph and exits 1
+
+
+@pytest.mark.slow
+def test_a_moved_run_resumes_and_tests_from_its_own_checkpoints(synthetic_root, tmp_path):
+    """Checkpoints and metrics.json name the run's files relative to it: a run copied elsewhere (the original
+    deleted) that stopped after training resumes, tests its own best.ckpt and records where it is."""
+    run_cli(tmp_path, f"data.root={synthetic_root}", "epochs=2", "logger=none", *QUICK)
+    original = only_run_dir(tmp_path)
+    first = json.loads((original / "metrics.json").read_text())
+    assert first["best_checkpoint"] == "checkpoints/best.ckpt"
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.copytree(original, moved)
+    shutil.rmtree(original)
+    (moved / "metrics.json").unlink()  # as if it had stopped before the test
+    last = torch.load(moved / "checkpoints" / "last.ckpt", weights_only=True)
+    assert str(original) not in repr(last["callbacks"])
+    # last.ckpt is the end of the last epoch, though val/acc (1.0 on this easy data) stopped improving after one
+    assert last["global_step"] == 2 * 200
+
+    run_cli(tmp_path, f"resume={moved}")
+    again = json.loads((moved / "metrics.json").read_text())
+    assert again["best_checkpoint"] == "checkpoints/best.ckpt" and again["test/acc"] == first["test/acc"]
+    assert again["epoch_seconds"] == first["epoch_seconds"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, RichProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from fmnist_lab.artifacts import export_onnx, first_images, verify_onnx
@@ -36,16 +36,32 @@ class EpochLog(Callback):
 
 
 class EpochTimer(Callback):
-    """Wall time of each training epoch's steps (validation excluded), into metrics.json as `epoch_seconds`."""
+    """Wall time of each training epoch's steps (validation excluded) as `epoch_seconds`, and of the whole fit
+    as `train_seconds`, into metrics.json. Both live in every checkpoint, so a resumed run accounts for the
+    time of all its sessions (a mid-epoch stop carries the epoch's time so far into the resumed epoch)."""
 
     def __init__(self) -> None:
-        self.metrics: dict = {"epoch_seconds": []}
-        self.started: float | None = None
+        self.metrics: dict = {"epoch_seconds": [], "train_seconds": 0.0}
+        self.started: float | None = None  # the running epoch's start
+        self.fit_started = time.perf_counter()
+        self.earlier = {"train_seconds": 0.0, "epoch_elapsed": 0.0}  # what the checkpoint resumed from carries
+        self.restored: dict | None = None
 
     def now(self, pl_module: pl.LightningModule) -> float:
         if pl_module.device.type == "cuda":  # once per epoch: wait for the queued steps to really finish
             torch.cuda.synchronize(pl_module.device)
         return time.perf_counter()
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.fit_started = time.perf_counter()
+        if self.restored:  # a resumed fit; Lightning also restores callbacks for a test, which must change nothing
+            self.metrics["epoch_seconds"] = list(self.restored["epoch_seconds"])
+            self.earlier = {k: self.restored[k] for k in ("train_seconds", "epoch_elapsed")}
+            self.restored = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.earlier["epoch_elapsed"]:  # resumed mid-epoch: no on_train_epoch_start comes first
+            self.started = self.now(pl_module) - self.earlier["epoch_elapsed"]
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.started = self.now(pl_module)
@@ -61,6 +77,54 @@ class EpochTimer(Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.stop(pl_module)  # epochs without validation
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.metrics["train_seconds"] = round(self.earlier["train_seconds"] + time.perf_counter() - self.fit_started, 3)
+
+    def state_dict(self) -> dict:
+        now = time.perf_counter()
+        return {"epoch_seconds": list(self.metrics["epoch_seconds"]),
+                "train_seconds": self.earlier["train_seconds"] + now - self.fit_started,
+                "epoch_elapsed": now - self.started if self.started is not None else 0.0}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.restored = state_dict
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, except that the state it keeps in every checkpoint names its files relative
+    to its folder. A run copied or moved elsewhere then resumes with the checkpoints in its own folder and
+    knows which of them is best (Lightning's state holds absolute paths, and where its folder has changed it
+    forgets the best score, so a worse epoch could overwrite best.ckpt)."""
+
+    PATHS = ("best_model_path", "kth_best_model_path", "last_model_path")
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        folder = Path(self.dirpath)
+
+        def relative(path: str) -> str:
+            return Path(path).relative_to(folder).as_posix() if path and Path(path).is_relative_to(folder) else path
+
+        state.update({key: relative(state[key]) for key in self.PATHS})
+        state["best_k_models"] = {relative(k): v for k, v in state["best_k_models"].items()}
+        state["dirpath"] = "."
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        folder, saved = Path(self.dirpath), Path(state_dict.get("dirpath") or ".")
+
+        def here(path: str) -> str:  # relative names, and absolute ones under the folder it was saved from
+            if not path:
+                return path
+            path = Path(path)
+            if path.is_absolute():
+                return str(folder / path.relative_to(saved)) if path.is_relative_to(saved) else str(path)
+            return str(folder / path)
+
+        state = {**state_dict, "dirpath": self.dirpath, **{key: here(state_dict.get(key, "")) for key in self.PATHS}}
+        state["best_k_models"] = {here(k): v for k, v in state_dict.get("best_k_models", {}).items()}
+        super().load_state_dict(state)
 
 
 class SaveOnInterrupt(Callback):

@@ -109,6 +109,11 @@ def validate(cfg: DictConfig, sweep_launcher: str | None = None) -> None:
         check(torch.cuda.is_available(), "device", "gpu", "No CUDA GPU is visible to PyTorch here "
               "(torch.cuda.is_available() is False); use device=cpu, or device=auto to take a GPU when there is one.")
     check(cfg.epochs >= 1, "epochs", cfg.epochs, "The number of training epochs must be at least 1.")
+    check(cfg.seed is None or (isinstance(cfg.seed, int) and 0 <= cfg.seed < 2**32), "seed", cfg.seed,
+          "A seed is an integer from 0 to 2**32 - 1 (NumPy's range), or null for an unseeded run.")
+    momentum = cfg.optimizer.get("momentum", 0.0)
+    check(isinstance(momentum, int | float) and 0 <= momentum < 1, "optimizer.momentum", momentum,
+          "Momentum is a fraction of the last update kept: 0 <= optimizer.momentum < 1 (e.g. 0.9).")
     for key, value in (("lr", cfg.lr), ("optimizer.lr", cfg.optimizer.get("lr", 1.0))):
         check(isinstance(value, int | float) and math.isfinite(value) and value > 0, key, value,
               "The learning rate must be a finite number > 0 (e.g. lr=0.05 for SGD, lr=1e-3 for Adam).")
@@ -159,11 +164,14 @@ def validate(cfg: DictConfig, sweep_launcher: str | None = None) -> None:
               f"This machine has {torch.cuda.device_count()} CUDA GPU(s); ask for at most that many, or use "
               "device=cpu trainer=ddp trainer.devices=N for N CPU processes.")
     ranks = devices if isinstance(devices, int) else len(devices) if isinstance(devices, list | ListConfig) else 1
+    ddp = str(trainer.get("strategy", "auto")).startswith("ddp")
+    check(ranks == 1 or ddp or trainer.get("num_nodes", 1) > 1, "trainer.devices", devices,
+          "Several devices train data-parallel: add trainer=ddp (e.g. trainer=ddp trainer.devices=2), or use "
+          "trainer.devices=1.")
     local = sweep_launcher is not None and "slurm" not in sweep_launcher.lower()
     # Lightning starts DDP ranks 1..n-1 by running this process's command line again, which in a sweep is the
     # whole sweep; under torchrun (LOCAL_WORLD_SIZE set) or as SLURM tasks every rank already runs.
-    check(not (local and ranks > 1 and str(trainer.get("strategy", "auto")).startswith("ddp")
-               and "LOCAL_WORLD_SIZE" not in os.environ), "trainer.devices", devices,
+    check(not (local and ranks > 1 and ddp and "LOCAL_WORLD_SIZE" not in os.environ), "trainer.devices", devices,
           "trainer=ddp with several devices inside a local sweep would start every rank by running the whole "
           "sweep again. Start the sweep under torchrun, which runs every rank itself (torchrun --nproc_per_node="
           f"{ranks} -m fmnist_lab -m trainer=ddp trainer.devices={ranks} hydra.sweep.dir=<dir> ...), or use "

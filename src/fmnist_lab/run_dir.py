@@ -49,6 +49,12 @@ class RunDir:
         self.tensorboard = self.path / "tensorboard"
         self.config = self.path / ".hydra" / "config.yaml"
 
+    def relative(self, path: str | None) -> str | None:
+        """`path` as metrics.json records it: relative to the run, so a copied or moved run still finds it."""
+        if not path:
+            return None
+        return Path(path).relative_to(self.path).as_posix() if Path(path).is_relative_to(self.path) else str(path)
+
     def read_metrics(self) -> dict[str, Any]:
         return json.loads(self.metrics.read_text()) if self.metrics.is_file() else {}
 

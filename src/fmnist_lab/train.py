@@ -3,6 +3,7 @@ the config; fit; test the best checkpoint; write the weights, metrics.json and t
 
 from __future__ import annotations
 
+import inspect
 import logging
 import platform
 import signal
@@ -16,7 +17,6 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -26,6 +26,7 @@ from rich.console import Console
 
 import fmnist_lab
 from fmnist_lab.artifacts import freeze, parameter_counts, save_weights, warm_start
+from fmnist_lab.config import ConfigError
 from fmnist_lab.data import CLASSES
 from fmnist_lab.gpu_step import CudaGraphs
 from fmnist_lab.models import Classifier
@@ -74,11 +75,17 @@ def build(cfg: DictConfig, purge_step: int | None = None) -> tuple[pl.LightningD
     datamodule = instantiate(cfg.data)
     model = Classifier(net=plain(cfg.model), optimizer=plain(cfg.optimizer), scheduler=plain(cfg.scheduler) or None,
                        num_classes=cfg.model.get("num_classes", 10), fused_optimizer=cfg.gpu.fused_optimizer)
-    if cfg.finetune.init_from:
-        loaded = warm_start(model.net, cfg.finetune.init_from, cfg.finetune.strict)
-        log.info(f"finetune.init_from={cfg.finetune.init_from}: loaded {len(loaded)} tensors ({', '.join(loaded)})")
-    if cfg.finetune.freeze:
-        log.info(f"finetune.freeze: froze {', '.join(freeze(model.net, cfg.finetune.freeze))}")
+    try:  # both need the network built, so they are checked here, still before any data is read
+        if cfg.finetune.init_from:
+            loaded = warm_start(model.net, cfg.finetune.init_from, cfg.finetune.strict)
+            log.info(f"finetune.init_from={cfg.finetune.init_from}: loaded {len(loaded)} tensors "
+                     f"({', '.join(loaded)})")
+        if cfg.finetune.freeze:
+            log.info(f"finetune.freeze: froze {', '.join(freeze(model.net, cfg.finetune.freeze))}")
+    except FileNotFoundError as err:
+        raise ConfigError(f"Invalid config: finetune.init_from={cfg.finetune.init_from!r}. {err}") from err
+    except ValueError as err:  # warm_start and freeze name the key themselves
+        raise ConfigError(f"Invalid config: {err}") from err
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
     callbacks += [CudaGraphs()] if cfg.gpu.cuda_graphs else []
     # SummaryWriter's purge_step drops events at steps >= it: those logged after the checkpoint was taken
@@ -134,8 +141,7 @@ def train(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
             raise SystemExit(128 + signal.SIGTERM) from None
         train_seconds = time.perf_counter() - start
 
-        checkpoint = trainer.checkpoint_callback
-        best = checkpoint.best_model_path if isinstance(checkpoint, ModelCheckpoint) else ""
+        best = next((c.best_model_path for c in trainer.checkpoint_callbacks if c.monitor), "")
         # The test set is touched once, after training, by the checkpoint with the best validation accuracy.
         (test,) = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False,
                                weights_only=True)
@@ -146,7 +152,7 @@ def train(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
             "epochs": trainer.current_epoch,
             "global_step": trainer.global_step,
             "train_seconds": round(train_seconds, 3),
-            "best_checkpoint": best or None,
+            "best_checkpoint": run.relative(best),
             "params": params,
             "resumed_from_step": purge_step,
             "seed": cfg.seed,
@@ -160,23 +166,36 @@ def train(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
         }
         if not trainer.is_global_zero:  # the other DDP ranks trained and tested; rank zero writes the results
             return {}
-        # TensorBoard's HPARAMS tab: this job's config next to its final numbers (as hp/* scalars, so the real
-        # curves keep only their real points); one `tensorboard --logdir <sweep dir>` compares every job.
-        hparams = {k: v for k, v in plain(cfg).items() if k not in ("paths", "hydra")}
-        final = {f"hp/{k.replace('/', '_')}": metrics[k] for k in ("test/acc", "test/loss", "val/acc_best")
-                 if metrics[k] is not None}
-        for logger in trainer.loggers:
-            logger.log_hyperparams(hparams, final)
-            logger.finalize("success")
         save_weights(model.net, model.hparams.net, run.path, CLASSES)  # the tested (best) weights
         for callback in trainer.callbacks:  # e.g. the ONNX export's verification result
             metrics.update(getattr(callback, "metrics", None) or {})
         run.write_metrics(metrics)
+        log_final(trainer.loggers, plain(cfg), metrics)  # after the run's own files: a logger may fail
         errors = [callback.error for callback in trainer.callbacks if getattr(callback, "error", None)]
         if errors:  # after metrics.json, so the failed run still records everything it measured
             raise ArtifactError(" ".join(errors))
         report(run, metrics, tensorboard=any("tensorboard" in type(lg).__name__.lower() for lg in trainer.loggers))
         return metrics
+
+
+def log_final(loggers: list, config: dict, metrics: dict) -> None:
+    """The job's config and final numbers to every logger, through each logger's public API. TensorBoard's
+    HPARAMS tab shows them side by side (as hp/* scalars, so the real curves keep only their real points), and
+    one `tensorboard --logdir <sweep dir>` compares every job. A logger that fails costs a warning, not the run."""
+    hparams = {k: v for k, v in config.items() if k not in ("paths", "hydra")}
+    final = {f"hp/{k.replace('/', '_')}": metrics[k] for k in ("test/acc", "test/loss", "val/acc_best")
+             if metrics[k] is not None}
+    for logger in loggers:
+        try:
+            if "metrics" in inspect.signature(logger.log_hyperparams).parameters:
+                logger.log_hyperparams(hparams, final)
+            else:  # e.g. CSVLogger: the parameters, then the numbers as one more row
+                logger.log_hyperparams(hparams)
+                logger.log_metrics(final, step=metrics["global_step"])
+            logger.finalize("success")
+        except Exception as err:
+            log.warning(f"{type(logger).__name__} could not record the final metrics ({type(err).__name__}: {err}); "
+                        "the run's own files (metrics.json, checkpoints, weights) are complete.")
 
 
 def report(run: RunDir, metrics: dict, tensorboard: bool) -> None:
