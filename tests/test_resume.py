@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import signal
@@ -120,3 +121,48 @@ def test_a_moved_run_resumes_and_tests_from_its_own_checkpoints(synthetic_root, 
     again = json.loads((moved / "metrics.json").read_text())
     assert again["best_checkpoint"] == "checkpoints/best.ckpt" and again["test/acc"] == first["test/acc"]
     assert again["epoch_seconds"] == first["epoch_seconds"]
+
+
+@pytest.mark.slow
+def test_sigterm_while_testing_or_exporting_is_an_interruption_that_resume_finishes(synthetic_root, tmp_path):
+    """A signal after training (during the test or the ONNX export) is never success: exit 143, metrics.json
+    marked interrupted; resume= then tests and exports the run."""
+    process = subprocess.Popen([sys.executable, "-m", "fmnist_lab", f"data.root={synthetic_root}", "device=cpu",
+                                "debug=limit", "epochs=1", "logger=none"], cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if "Restoring states from the checkpoint path" in line:  # the test begins; the export follows it
+            process.send_signal(signal.SIGTERM)
+            break
+    stdout, stderr = process.communicate(timeout=300)
+    run = only_run_dir(tmp_path)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert f"Continue it with: python -m fmnist_lab resume={run}" in stderr and "Traceback" not in stderr
+    assert json.loads((run / "metrics.json").read_text())["status"] == "interrupted"
+
+    run_cli(tmp_path, f"resume={run}")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics.get("status", "ok") == "ok" and metrics["onnx"]["ok"] and metrics["test/acc"] > 0.9
+
+
+@pytest.mark.slow
+def test_sigterm_in_a_sweep_records_the_job_and_stops_the_sweep(synthetic_root, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    stopped = start_and_signal(tmp_path, signal.SIGTERM, "-m", "lr=0.05,0.1", f"data.root={synthetic_root}",
+                               "logger=none", f"hydra.sweep.dir={sweep_dir}", *QUICK)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
+    (row,) = csv.DictReader((sweep_dir / "summary.csv").open())
+    assert (row["job"], row["status"]) == ("0", "interrupted") and row["error"].startswith("SIGTERM at step")
+    assert not (sweep_dir / "1").exists()  # the sweep stopped: the second job never started
+    assert "interrupted: SIGTERM" in (sweep_dir / "summary.md").read_text()
+    assert json.loads((sweep_dir / "0" / "metrics.json").read_text())["status"] == "interrupted"
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_marks_and_exits_130(synthetic_root, tmp_path):
+    stopped = start_and_signal(tmp_path, signal.SIGINT, f"data.root={synthetic_root}", "logger=none", *QUICK)
+    assert stopped.returncode == 130, stopped.stderr[-2000:]
+    run = only_run_dir(tmp_path)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and metrics["error"].startswith("Ctrl-C at step")
+    assert 200 < torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] < 400

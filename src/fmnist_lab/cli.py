@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from fmnist_lab.config import ConfigError, register, validate
-from fmnist_lab.run_dir import ResumeError, RunDir, is_rank_zero
+from fmnist_lab.run_dir import Interrupted, ResumeError, RunDir, is_rank_zero
 
 log = logging.getLogger(__name__)
 register()  # the typed schema conf/train.yaml builds on
@@ -38,18 +38,19 @@ def main(cfg: DictConfig) -> float | None:
     launcher = HydraConfig.get().launcher.get("_target_", "") if is_multirun() else None
     if launcher is not None:
         share_machine(cfg)
-    value, failure = run_job(cfg, launcher)
+    value, failure, exit_code = run_job(cfg, launcher)
     if failure is None:
         return value
-    if launcher is not None:  # the sweep goes on; its summary lists this job with the error
-        log.error(f"job failed: {failure}")
+    if launcher is not None:  # the summary lists this job with the error; an interrupted job stops the sweep
+        log.error(f"job {'interrupted' if exit_code != 1 else 'failed'}: {failure}")
         return None  # Optuna counts a trial without a value as failed
     print(f"error: {failure}", file=sys.stderr)
-    raise SystemExit(1)
+    raise SystemExit(exit_code)
 
 
-def run_job(cfg: DictConfig, sweep_launcher: str | None) -> tuple[float | None, str | None]:
-    """Check the config and train: (objective, None), or (None, one paragraph saying what went wrong)."""
+def run_job(cfg: DictConfig, sweep_launcher: str | None) -> tuple[float | None, str | None, int]:
+    """Check the config and train: (objective, None, 0), or (None, one paragraph saying what went wrong, the
+    exit code: 1, or 143/130 for a run a signal stopped)."""
     run = RunDir(cfg.paths.output_dir)
     try:
         validate(cfg, sweep_launcher)
@@ -66,18 +67,20 @@ def run_job(cfg: DictConfig, sweep_launcher: str | None) -> tuple[float | None, 
             requeued = int(os.environ.get("SLURM_RESTART_COUNT", 0)) > 0 and run.last.is_file()
             metrics = train(cfg, resume=requeued)
     except ResumeError as err:  # nothing was run: the run directory stays as it was
-        return None, str(err)
+        return None, str(err), 1
+    except Interrupted as err:  # metrics.json already says so
+        return None, str(err), err.exit_code
     except Exception as err:
         if not isinstance(err, ConfigError | FloatingPointError) and not is_foreseen(err):
             log.exception("unexpected error")  # a bug: the traceback goes to the log and the console
         if is_rank_zero():
             run.mark_failed(err)
         if isinstance(err, ConfigError):
-            return None, str(err)
+            return None, str(err), 1
         return None, (f"{err}\nThe run is marked failed in {run.metrics}; its checkpoints (up to the last good "
-                      "epoch) are kept.")
+                      "epoch) are kept."), 1
     value = metrics.get(cfg.get("optimized_metric"))
-    return (value if value is not None and math.isfinite(value) else None), None
+    return (value if value is not None and math.isfinite(value) else None), None, 0
 
 
 def is_foreseen(err: Exception) -> bool:

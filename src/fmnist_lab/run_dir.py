@@ -25,6 +25,15 @@ class ResumeError(RuntimeError):
     """A run cannot be continued: no checkpoint, or a damaged one."""
 
 
+class Interrupted(Exception):
+    """A signal (SIGTERM, Ctrl-C) stopped the run at some phase; metrics.json says so and `resume=` finishes
+    the run. `exit_code` is what a process killed by that signal returns (143, 130)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
     """Call `write(tmp)` for a temporary file beside `path`, then rename it into place (atomic on POSIX)."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -65,10 +74,14 @@ class RunDir:
         """metrics.json says the run failed and why, keeping whatever the run measured before."""
         self.write_metrics({**self.read_metrics(), "status": "failed", "error": f"{type(err).__name__}: {err}"})
 
+    def mark_interrupted(self, how: str, step: int) -> None:
+        """metrics.json says the run was stopped by a signal (so it is not finished), keeping what it measured."""
+        self.write_metrics({**self.read_metrics(), "status": "interrupted", "error": f"{how} at step {step}"})
+
     def finished(self) -> dict[str, Any]:
-        """The metrics of a run that ended well, else {}."""
+        """The metrics of a run that ended well, else {} (no metrics.json, or a failed or interrupted run)."""
         metrics = self.read_metrics()
-        return metrics if metrics and metrics.get("status") != "failed" else {}
+        return metrics if metrics and metrics.get("status", "ok") == "ok" else {}
 
     def model_file(self) -> Path | None:
         """The file that holds the run's trained network: the tested weights, else the best or last checkpoint."""

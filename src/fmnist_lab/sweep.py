@@ -13,6 +13,8 @@ import io
 import logging
 import math
 import os
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +45,7 @@ def job_row(config: DictConfig, job_return: JobReturn, metric: str) -> dict[str,
             job_return.return_value  # noqa: B018 -- a failed job's return_value raises the job's exception
         except Exception as err:
             error = f"{type(err).__name__}: {err}"
-    status = "failed" if error or metrics.get("status") == "failed" else "ok"
+    status = metrics.get("status") or ("failed" if error or job_return.status == JobStatus.FAILED else "ok")
     row = {k: metrics.get(k) for k in ("val/acc_best", "test/acc", "test/loss", "epochs", "train_seconds")}
     return {**row, "job": config.hydra.job.num, "status": status,
             "objective": metrics.get(metric) if status == "ok" else None,
@@ -87,7 +89,7 @@ def markdown(rows: list[dict[str, str]], metric: str) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rows):
         best = "**best**" if i == 0 and r["status"] == "ok" else ""
-        status = "ok" if r["status"] == "ok" else f"failed: {r['error']}"
+        status = "ok" if r["status"] == "ok" else f"{r['status']}: {r['error']}"
         lines.append(f"| {best} | {r['job']} | {fmt(r['objective'])} | {fmt(r['test/acc'])} | {fmt(r['test/loss'])} "
                      f"| {r['epochs'] or '-'} | {fmt(r['train_seconds'], 1)} | `{r['overrides']}` | {status} |")
     return "\n".join(lines) + "\n"
@@ -163,13 +165,26 @@ class SweepSummary(Callback):
             row = {"job": config.hydra.job.num, "status": "failed", "overrides": " ".join(config.hydra.overrides.task),
                    "error": f"summary could not read this job's result: {type(err).__name__}: {err}"}
         append_row(Path(config.hydra.sweep.dir) / "summary.csv", row)
+        if row["status"] == "interrupted":  # a signal stops the whole sweep, with the books written
+            self.write_summary(Path(config.hydra.sweep.dir))
+            print(f"sweep stopped: job {row['job']} was interrupted ({row['error']}); every finished job is in "
+                  f"{Path(config.hydra.sweep.dir) / 'summary.csv'}", file=sys.stderr)
+            raise SystemExit(130 if row["error"].startswith("Ctrl-C") else 128 + signal.SIGTERM)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not is_rank_zero():
             return
         sweep_dir = Path(config.hydra.sweep.dir)
-        all_rows = read_rows(sweep_dir / "summary.csv")
-        rows = ranked(all_rows, self.mode)
+        this_run = read_rows(sweep_dir / "summary.csv")[self.earlier_rows:]
+        self.write_summary(sweep_dir)
+        failed = [r["job"] for r in this_run if r["status"] != "ok"]
+        if failed:
+            raise SystemExit(f"{len(failed)} of {len(this_run)} sweep jobs failed (jobs {', '.join(failed)}); "
+                             f"see {sweep_dir / 'summary.md'}")
+
+    def write_summary(self, sweep_dir: Path) -> None:
+        """summary.md and summary.png from summary.csv, and the table on the console."""
+        rows = ranked(read_rows(sweep_dir / "summary.csv"), self.mode)
         if not rows:
             return
         table = markdown(rows, self.metric)
@@ -177,11 +192,6 @@ class SweepSummary(Callback):
         atomic_write(sweep_dir / "summary.md", lambda tmp: tmp.write_text(text))
         plot(rows, self.metric, sweep_dir / "summary.png")
         print(f"\n{table}\nsummary: {sweep_dir / 'summary.md'} (and summary.csv, summary.png)")
-        this_run = all_rows[self.earlier_rows:]
-        failed = [r["job"] for r in this_run if r["status"] != "ok"]
-        if failed:
-            raise SystemExit(f"{len(failed)} of {len(this_run)} sweep jobs failed (jobs {', '.join(failed)}); "
-                             f"see {sweep_dir / 'summary.md'}")
 
 
 def share_machine(cfg: DictConfig) -> None:

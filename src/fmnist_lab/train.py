@@ -7,6 +7,7 @@ import inspect
 import logging
 import platform
 import signal
+import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -30,7 +31,7 @@ from fmnist_lab.config import ConfigError
 from fmnist_lab.data import CLASSES
 from fmnist_lab.gpu_step import CudaGraphs
 from fmnist_lab.models import Classifier
-from fmnist_lab.run_dir import RunDir, atomic_write
+from fmnist_lab.run_dir import Interrupted, RunDir, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,33 @@ def distributed_job():
             torch.distributed.barrier()
 
 
+@contextmanager
+def sigterm_noted():
+    """A SIGTERM anywhere in the job is noted instead of killing the process between two writes: during fit
+    and test Lightning calls this handler after its own (and stops training at the end of a batch), and the
+    job checks the note between its phases (stop_if_signalled)."""
+    noted: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield noted
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: noted.append(signum))
+    try:
+        yield noted
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def stop_if_signalled(run: RunDir, trainer: pl.Trainer, sigterm: list[int]) -> None:
+    """After a signal, whatever the phase: mark the run interrupted (it is not finished) and stop it."""
+    if not (sigterm or trainer.received_sigterm or trainer.interrupted):
+        return
+    how, code = ("Ctrl-C", 130) if trainer.interrupted and not sigterm else ("SIGTERM", 128 + signal.SIGTERM)
+    if trainer.is_global_zero:
+        run.mark_interrupted(how, trainer.global_step)
+    raise Interrupted(f"{how} stopped the run at step {trainer.global_step}; {run.metrics} marks it interrupted. "
+                      f"Continue it with: python -m fmnist_lab resume={run.path}", code)
+
+
 def train(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
     """Run one job and return its metrics (also written to `<run dir>/metrics.json`). With `resume`, continue
     the run in cfg.paths.output_dir from its last.ckpt: same directory, same TensorBoard run, same counters."""
@@ -132,19 +160,20 @@ def train(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
     params = parameter_counts(model.net)
     log.info("parameters: {total:,} total, {trainable:,} trainable, {frozen:,} frozen".format(**params))
 
-    with distributed_job():
+    with distributed_job(), sigterm_noted() as sigterm:
         started = datetime.now().astimezone().isoformat(timespec="seconds")
         start = time.perf_counter()
         try:
             trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        except SIGTERMException:  # SaveOnInterrupt has saved last.ckpt; exit non-zero like a killed process
-            raise SystemExit(128 + signal.SIGTERM) from None
-        train_seconds = time.perf_counter() - start
-
-        best = next((c.best_model_path for c in trainer.checkpoint_callbacks if c.monitor), "")
-        # The test set is touched once, after training, by the checkpoint with the best validation accuracy.
-        (test,) = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False,
-                               weights_only=True)
+            train_seconds = time.perf_counter() - start
+            best = next((c.best_model_path for c in trainer.checkpoint_callbacks if c.monitor), "")
+            # The test set is touched once, after training, by the checkpoint with the best validation accuracy.
+            (test,) = trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False,
+                                   weights_only=True)
+        except (SIGTERMException, SystemExit) as err:  # Lightning ends a Ctrl-C with exit(1)
+            if not (isinstance(err, SIGTERMException) or trainer.interrupted):
+                raise
+        stop_if_signalled(run, trainer, sigterm)
         metrics = {
             "test/acc": test["test/acc"],
             "test/loss": test["test/loss"],
@@ -170,6 +199,7 @@ def train(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
         for callback in trainer.callbacks:  # e.g. the ONNX export's verification result
             metrics.update(getattr(callback, "metrics", None) or {})
         run.write_metrics(metrics)
+        stop_if_signalled(run, trainer, sigterm)  # the last moment a signal can still undo "finished"
         log_final(trainer.loggers, plain(cfg), metrics)  # after the run's own files: a logger may fail
         errors = [callback.error for callback in trainer.callbacks if getattr(callback, "error", None)]
         if errors:  # after metrics.json, so the failed run still records everything it measured
