@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import struct
 import subprocess
 import sys
+import zlib
+from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
@@ -20,7 +24,7 @@ from fmnist_lab.artifacts import UnsafeFileError, freeze, save_weights, verify_o
 from fmnist_lab.callbacks import OnnxExport
 from fmnist_lab.data import CLASSES, FashionMNISTDataModule, load_split
 from fmnist_lab.evaluate import evaluate
-from fmnist_lab.models import MLP, Classifier
+from fmnist_lab.models import MLP, Classifier, UnknownNetworkError, register
 from fmnist_lab.predict import main as predict_main
 from fmnist_lab.train import train
 
@@ -200,3 +204,114 @@ def test_warm_start_with_a_frozen_layer(real_run, tmp_path):
     assert torch.equal(after["layers.0.weight"], source["layers.0.weight"])
     assert torch.equal(after["layers.0.bias"], source["layers.0.bias"])
     assert not torch.equal(after["layers.2.weight"], source["layers.2.weight"])
+
+
+@pytest.mark.parametrize("entry", [
+    {"_target_": "builtins.open", "file": "WRITTEN", "mode": "w"},  # instantiating it would create a file
+    {"_target_": "fmnist_lab.models.MLP", "hidden": [100_000]},     # 78M parameters: refused, never allocated
+    {"_target_": "fmnist_lab.models.MLP", "hidden": [8], "_partial_": True},
+])
+def test_a_model_file_names_an_architecture_never_code(tmp_path, entry):
+    """model.json and a checkpoint's hyperparameters are data: only registered networks, with arguments they
+    take and sizes in bounds, are built from them; anything else is one paragraph naming the file."""
+    save_weights(MLP(hidden=[8]), {"_target_": "fmnist_lab.models.MLP", "hidden": [8]}, tmp_path, CLASSES)
+    description = json.loads((tmp_path / "model.json").read_text())
+    (tmp_path / "model.json").write_text(json.dumps({**description, "net": entry}))
+    with pytest.raises(UnknownNetworkError, match=str(tmp_path)) as err:
+        load_model(tmp_path)
+    assert "\n" not in str(err.value) and not (tmp_path / "WRITTEN").exists() and not Path("WRITTEN").exists()
+
+    checkpoint = tmp_path / "crafted.ckpt"
+    state = {f"net.{k}": v for k, v in MLP(hidden=[8]).state_dict().items()}
+    torch.save({"hyper_parameters": {"net": entry}, "state_dict": state}, checkpoint)
+    with pytest.raises(UnknownNetworkError, match="crafted.ckpt"):
+        load_model(checkpoint)
+
+
+def test_a_registered_network_loads_from_its_files(tmp_path):
+    class Tiny(torch.nn.Module):
+        def __init__(self, width: int = 4) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(784, 10)
+
+        def forward(self, x):
+            return self.layer(x.flatten(1))
+
+    register("tests.Tiny", Tiny)
+    net = Tiny()
+    save_weights(net, {"_target_": "tests.Tiny", "width": 4}, tmp_path, CLASSES)
+    x = torch.rand(3, 1, 28, 28)
+    assert torch.equal(load_model(tmp_path)(x), net(x))
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG header for a width x height grayscale image and no pixel data: what PIL's size check reads."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + \
+        chunk(b"IEND", b"")
+
+
+def onnx_without_metadata(path: Path) -> Path:
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((784, 10), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Flatten", ["image"], ["f"]),
+                               helper.make_node("MatMul", ["f", "w"], ["logits"])], "g",
+                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, 28, 28])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], [weight])
+    path.write_bytes(helper.make_model(graph).SerializeToString())
+    return path
+
+
+def onnx_reaching_outside(folder: Path) -> Path:
+    """An ONNX file whose weights are external data in ../secret.bin, outside its own folder."""
+    from onnx import TensorProto
+
+    model = onnx.load(str(onnx_without_metadata(folder / "plain.onnx")))
+    weight = model.graph.initializer[0]
+    (folder.parent / "secret.bin").write_bytes(weight.raw_data)
+    weight.ClearField("raw_data")
+    weight.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", "../secret.bin"), ("offset", "0"), ("length", str(784 * 10 * 4))):
+        entry = weight.external_data.add()
+        entry.key, entry.value = key, value
+    path = folder / "outside.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def test_predict_names_each_bad_model_file_and_why(tiny_trained, tmp_path, capsys):
+    """Random, empty, truncated or foreign model files: one line naming the file and the reason, exit 1."""
+    (tmp_path / "onnx").mkdir()
+    good_onnx = tiny_trained[1].read_bytes()
+    cases = {
+        "random.ckpt": (os.urandom(4096), "is not a model file"),
+        "empty.ckpt": (b"", "is not a model file"),
+        "random.onnx": (os.urandom(4096), "is not an ONNX model ONNX Runtime can load"),
+        "truncated.onnx": (good_onnx[: len(good_onnx) // 2], "is not an ONNX model ONNX Runtime can load"),
+    }
+    image = tmp_path / "shoe.png"
+    Image.fromarray(np.zeros((28, 28), np.uint8), mode="L").save(image)
+    files = {name: (tmp_path / name, reason) for name, (content, reason) in cases.items()}
+    for path, _ in files.values():
+        path.write_bytes(cases[path.name][0])
+    files["plain.onnx"] = (onnx_without_metadata(tmp_path / "onnx" / "plain.onnx"), "has no fmnist_lab metadata")
+    files["outside.onnx"] = (onnx_reaching_outside(tmp_path / "onnx"), "External data path")
+    for path, reason in files.values():
+        assert predict_main([f"model={path}", str(image)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {path} ") and reason in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_predict_reports_an_image_bomb_and_odd_file_names_and_predicts_the_rest(tiny_trained, tmp_path):
+    _, onnx_path, _, _ = tiny_trained
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_claiming(30_000, 30_000))
+    odd = Path(os.fsdecode(bytes(tmp_path / "caf") + b"\xe9.png"))  # a name that is not valid UTF-8
+    Image.fromarray(np.zeros((28, 28), np.uint8), mode="L").save(odd)
+    result = run_cli(tmp_path, f"model={onnx_path}", str(bomb), str(odd), module="fmnist_lab.predict", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "bomb.png: not read: its decoded size is absurd" in result.stderr
+    assert len(result.stdout.strip().splitlines()) == 1 and "caf" in result.stdout  # the odd name printed

@@ -29,7 +29,7 @@ def test_mlp_options():
     assert sum(isinstance(m, torch.nn.Dropout) for m in net.layers) == 3
     assert sum(isinstance(m, torch.nn.GELU) for m in net.layers) == 3
     assert (net.eval()(torch.rand(4, 1, 28, 28)) >= 0).all()
-    with pytest.raises(ValueError, match=r"model.activation='swish' is unknown"):
+    with pytest.raises(ValueError, match=r"model.activation='swish' is not a network fmnist_lab builds"):
         MLP(activation="swish")
 
 

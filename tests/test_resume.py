@@ -166,3 +166,31 @@ def test_ctrl_c_saves_marks_and_exits_130(synthetic_root, tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["status"] == "interrupted" and metrics["error"].startswith("Ctrl-C at step")
     assert 200 < torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] < 400
+
+
+@pytest.mark.slow
+def test_damaged_run_files_are_named_by_resume_and_evaluate(synthetic_root, tmp_path):
+    run_cli(tmp_path, f"data.root={synthetic_root}", "debug=limit", "epochs=1", "logger=none", *QUICK)
+    run = only_run_dir(tmp_path)
+    metrics = (run / "metrics.json").read_text()
+
+    (run / "metrics.json").write_text(metrics[: len(metrics) // 2])  # cut off mid-write by something else
+    result = run_cli(tmp_path, f"resume={run}", check=False)
+    assert result.returncode == 1 and f"{run / 'metrics.json'} is damaged" in result.stderr
+    assert "Traceback" not in result.stderr
+
+    (run / "metrics.json").write_text(json.dumps({"status": "failed", "error": "FloatingPointError: nan"}))
+    evaluated = run_cli(tmp_path, f"run={run}", "device=cpu", f"data.root={synthetic_root}",
+                        module="fmnist_lab.evaluate")
+    assert "the run is marked failed (FloatingPointError: nan), so it recorded no test/acc" in evaluated.stdout
+
+    (run / ".hydra" / "config.yaml").write_text("data: [unclosed\n")
+    result = run_cli(tmp_path, f"resume={run}", check=False)
+    assert result.returncode == 1 and f"{run / '.hydra' / 'config.yaml'} is damaged" in result.stderr
+    result = run_cli(tmp_path, f"run={run}", module="fmnist_lab.evaluate", check=False)
+    assert result.returncode == 1 and "config.yaml is damaged" in result.stderr and "Traceback" not in result.stderr
+
+    (run / "model_weights.pth").write_bytes(b"\x00" * 100)
+    result = run_cli(tmp_path, f"run={run / 'model_weights.pth'}", f"data.root={synthetic_root}",
+                     module="fmnist_lab.evaluate", check=False)
+    assert result.returncode == 1 and f"{run / 'model_weights.pth'} is not a model file" in result.stderr

@@ -8,22 +8,23 @@ from __future__ import annotations
 
 import json
 import pickle
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from torch import nn
 
 import fmnist_lab
 from fmnist_lab.data.idx import CLASSES
-from fmnist_lab.run_dir import RunDir, atomic_write, write_json
+from fmnist_lab.models import build_net
+from fmnist_lab.run_dir import BadFileError, RunDir, atomic_write, read_json, write_json
 
 INPUT_DESCRIPTION = "float32 [N, 1, 28, 28]: grayscale pixels in [0, 1], light garment on black (as ToTensor gives)"
 
 
-class UnsafeFileError(ValueError):
+class UnsafeFileError(BadFileError):
     """A file that would need arbitrary unpickling (e.g. a whole model saved with `torch.save(model)`)."""
 
 
@@ -34,11 +35,20 @@ def read_file(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if not zipfile.is_zipfile(path):  # random bytes also fail as a pickle
+            raise not_a_model_file(path, err) from err
         raise UnsafeFileError(
             f"{path} holds pickled Python objects, not just tensors (a model saved with `torch.save(model)`?). "
             "Loading it could run arbitrary code, so fmnist_lab refuses it. Save `model.state_dict()` instead, "
             "or use a run's model_weights.pth or checkpoints/best.ckpt."
         ) from err
+    except (EOFError, RuntimeError, OSError, ValueError) as err:  # empty, truncated, or some other format
+        raise not_a_model_file(path, err) from err
+
+
+def not_a_model_file(path: Path, err: BaseException) -> BadFileError:
+    return BadFileError(f"{path} is not a model file: it is not a PyTorch save, or it is damaged or truncated "
+                          f"({type(err).__name__}). Give a run directory, its model_weights.pth or a checkpoint.")
 
 
 def save_weights(net: nn.Module, net_config: dict, folder: Path, classes: Sequence[str]) -> Path:
@@ -59,21 +69,27 @@ def read_weights(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         path = found
     data = read_file(path)
     if path.suffix == ".ckpt":
-        net_config = data.get("hyper_parameters", {}).get("net")
-        if net_config is None:
-            raise ValueError(f"{path} is a checkpoint without fmnist_lab's `net` hyperparameters.")
+        net_config = data.get("hyper_parameters", {}).get("net") if isinstance(data, dict) else None
+        if not isinstance(net_config, dict) or not isinstance(data.get("state_dict"), dict):
+            raise BadFileError(f"{path} is not an fmnist_lab checkpoint: it has no `net` hyperparameters or no "
+                                 "state_dict.")
         return net_config, {k.removeprefix("net."): v for k, v in data["state_dict"].items() if k.startswith("net.")}
     description = path.with_name("model.json")
     if not description.is_file():
         raise FileNotFoundError(f"{path} is a bare state_dict; {description} must sit beside it to say which "
                                 "architecture the weights belong to (every run writes the pair).")
-    return json.loads(description.read_text())["net"], data
+    net_config = read_json(description)
+    if not (isinstance(net_config, dict) and isinstance(net_config.get("net"), dict) and isinstance(data, dict)):
+        raise BadFileError(f"{description} does not describe a network (no `net` entry), or {path} is not a "
+                             "state_dict.")
+    return net_config["net"], data
 
 
 def load_model(path: str | Path) -> nn.Module:
-    """An eval-mode network on the CPU from a run directory, a .ckpt or a .pth (always `weights_only`)."""
+    """An eval-mode network on the CPU from a run directory, a .ckpt or a .pth (always `weights_only`), built
+    only as a registered architecture (fmnist_lab.models.build_net)."""
     net_config, state = read_weights(path)
-    net = instantiate(net_config)
+    net = build_net(net_config, str(path))
     net.load_state_dict(state)
     return net.eval()
 

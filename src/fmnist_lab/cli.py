@@ -15,10 +15,10 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from fmnist_lab.config import ConfigError, register, validate
-from fmnist_lab.run_dir import Interrupted, ResumeError, RunDir, is_rank_zero
+from fmnist_lab.run_dir import BadFileError, Interrupted, ResumeError, RunDir, is_rank_zero
 
 log = logging.getLogger(__name__)
 register()  # the typed schema conf/train.yaml builds on
@@ -60,13 +60,13 @@ def run_job(cfg: DictConfig, sweep_launcher: str | None) -> tuple[float | None, 
             others = [o for o in HydraConfig.get().overrides.task if not o.startswith("resume=")]
             if others:
                 log.warning(f"resume uses the run's own config; ignoring {' '.join(others)}")
-            metrics = train(OmegaConf.load(run.config), resume=True)
+            metrics = train(run.load_config(), resume=True)
         else:
             # A requeued SLURM job (preempted, or out of time) starts again in its own directory: continue there.
             # Only then: a sweep run again into an old sweep directory must not pick up another config's run.
             requeued = int(os.environ.get("SLURM_RESTART_COUNT", 0)) > 0 and run.last.is_file()
             metrics = train(cfg, resume=requeued)
-    except ResumeError as err:  # nothing was run: the run directory stays as it was
+    except (ResumeError, BadFileError) as err:  # nothing was run: the run directory stays as it was
         return None, str(err), 1
     except Interrupted as err:  # metrics.json already says so
         return None, str(err), err.exit_code

@@ -130,14 +130,6 @@ def validate(cfg: DictConfig, sweep_launcher: str | None = None) -> None:
     check(data.backend in ("device", "dataloader"), "data.backend", data.backend,
           "Use data.backend=device (whole splits on the training device) or data.backend=dataloader.")
 
-    model = cfg.model
-    hidden = list(model.get("hidden", []))
-    check(all(isinstance(h, int) and h > 0 for h in hidden), "model.hidden", hidden,
-          "Hidden layer widths must be positive integers, e.g. model.hidden=[512,512].")
-    dropout = model.get("dropout", 0.0)
-    check(isinstance(dropout, int | float) and 0 <= dropout < 1, "model.dropout", dropout,
-          "Dropout is a probability: 0 <= model.dropout < 1.")
-
     trainer = cfg.trainer
     precision = str(trainer.get("precision", "32-true"))
     check(precision in PRECISIONS, "trainer.precision", precision, f"Use one of {', '.join(PRECISIONS)} "

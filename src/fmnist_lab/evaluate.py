@@ -47,22 +47,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                                            {"run": None, "data.root": "", "device": "auto"}, USAGE)
         if extra or flags:
             raise UsageError(f"unexpected {' '.join([*extra, *flags])}.\nusage: {USAGE}")
-        run = Path(options["run"])
-        recorded_root = None
-        if RunDir(run).config.is_file():  # test on the same files the run used
-            from omegaconf import OmegaConf
-
-            recorded_root = OmegaConf.load(RunDir(run).config).data.get("root")
-        result = evaluate(run, options["data.root"] or recorded_root, options["device"])
-    except (UsageError, FileNotFoundError, ValueError, DataError) as err:
+    except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    run = Path(options["run"])
+    try:
+        recorded_root, recorded = None, {}
+        if run.is_dir() and RunDir(run).config.is_file():  # test on the same files the run used
+            recorded_root = RunDir(run).load_config().data.get("root")
+        if run.is_dir():
+            recorded = RunDir(run).read_metrics()
+        result = evaluate(run, options["data.root"] or recorded_root, options["device"])
+    except (FileNotFoundError, ValueError, DataError) as err:  # BadFileError and a refused network are ValueErrors
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print(f"test/acc {result['test/acc']:.4f}  test/loss {result['test/loss']:.4f}  "
           f"({result['count']:,} test images, model {run})")
-    recorded = RunDir(run).read_metrics().get("test/acc") if run.is_dir() else None
-    if recorded is not None:
-        print(f"the run recorded test/acc {recorded:.4f} "
-              f"(difference {100 * (result['test/acc'] - recorded):+.2f} points)")
+    if recorded.get("status", "ok") != "ok":
+        print(f"the run is marked {recorded['status']} ({recorded.get('error', 'no reason recorded')}), so it "
+              "recorded no test/acc to compare with; this is the checkpoint it left")
+    elif recorded.get("test/acc") is not None:
+        print(f"the run recorded test/acc {recorded['test/acc']:.4f} "
+              f"(difference {100 * (result['test/acc'] - recorded['test/acc']):+.2f} points)")
     return 0
 
 

@@ -65,7 +65,10 @@ def read_image(path: Path, warn: Callable[[str], None]) -> np.ndarray:
             image.load()
     except FileNotFoundError:
         raise ValueError("no such file") from None
-    except (UnidentifiedImageError, OSError) as err:
+    except Image.DecompressionBombError:
+        raise ValueError(f"not read: its decoded size is absurd (over {2 * Image.MAX_IMAGE_PIXELS:,} pixels, PIL's "
+                         "decompression-bomb limit)") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:  # PIL's decoders raise all of these
         raise ValueError(f"not a readable image ({err.__class__.__name__})") from None
     changes = []
     if image.mode != "L":
@@ -85,14 +88,24 @@ def read_image(path: Path, warn: Callable[[str], None]) -> np.ndarray:
 
 def load_predictor(model: str) -> tuple[Callable[[np.ndarray], np.ndarray], list[str]]:
     """A function from images [N, 1, 28, 28] to logits [N, 10], and the class names."""
+    from fmnist_lab.run_dir import BadFileError, read_json
+
     path = Path(model)
     if path.suffix == ".onnx":
         import onnxruntime as ort
 
         if not path.is_file():
             raise FileNotFoundError(f"model={model}: no such file.")
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        classes = json.loads(session.get_modelmeta().custom_metadata_map["classes"])
+        try:  # ONNX Runtime also refuses external data that points outside the model's folder
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as err:  # its errors have no common public base class
+            cause = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise BadFileError(f"{path} is not an ONNX model ONNX Runtime can load: {cause}") from err
+        try:
+            classes = json.loads(session.get_modelmeta().custom_metadata_map["classes"])
+        except (KeyError, json.JSONDecodeError):
+            raise BadFileError(f"{path} has no fmnist_lab metadata (the class names); export it with "
+                                 "fmnist_lab, or use the run's model_weights.pth.") from None
         return (lambda x: session.run(["logits"], {"image": x})[0]), classes
 
     import torch
@@ -102,7 +115,7 @@ def load_predictor(model: str) -> tuple[Callable[[np.ndarray], np.ndarray], list
 
     net = load_model(path)
     description = (path if path.is_dir() else path.parent) / "model.json"
-    classes = json.loads(description.read_text())["classes"] if description.is_file() else list(CLASSES)
+    classes = read_json(description).get("classes", list(CLASSES)) if description.is_file() else list(CLASSES)
 
     def predict(x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
@@ -117,14 +130,21 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # file names print whatever the terminal's encoding
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         options, paths, flags = parse_args(sys.argv[1:] if argv is None else argv, {"model": None, "top_k": 3}, USAGE)
         if not paths or flags - {"--json"}:
             raise UsageError(f"give image files or folders; the only flag is --json.\nusage: {USAGE}")
-        predict, classes = load_predictor(options["model"])
-    except (UsageError, FileNotFoundError, ValueError) as err:
+    except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    try:
+        predict, classes = load_predictor(options["model"])
+    except (FileNotFoundError, ValueError) as err:  # BadFileError and a refused network are ValueErrors
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
     def warn(message: str) -> None:
         print(f"warning: {message}", file=sys.stderr)

@@ -25,6 +25,20 @@ class ResumeError(RuntimeError):
     """A run cannot be continued: no checkpoint, or a damaged one."""
 
 
+class BadFileError(ValueError):
+    """A file of a run or a model that cannot be used (damaged, not what it should be, or not fmnist_lab's);
+    the message names the file and says why."""
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file of a run or a model (metrics.json, model.json); BadFileError naming it when it is damaged."""
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BadFileError(f"{path} is damaged: it is not valid JSON ({err}). Restore it from a copy, or, for "
+                             "a run's metrics.json, delete it and continue the run with resume=<run dir>.") from err
+
+
 class Interrupted(Exception):
     """A signal (SIGTERM, Ctrl-C) stopped the run at some phase; metrics.json says so and `resume=` finishes
     the run. `exit_code` is what a process killed by that signal returns (143, 130)."""
@@ -65,18 +79,38 @@ class RunDir:
         return Path(path).relative_to(self.path).as_posix() if Path(path).is_relative_to(self.path) else str(path)
 
     def read_metrics(self) -> dict[str, Any]:
-        return json.loads(self.metrics.read_text()) if self.metrics.is_file() else {}
+        return read_json(self.metrics) if self.metrics.is_file() else {}
 
     def write_metrics(self, metrics: dict[str, Any]) -> None:
         write_json(self.metrics, metrics)
 
     def mark_failed(self, err: BaseException) -> None:
         """metrics.json says the run failed and why, keeping whatever the run measured before."""
-        self.write_metrics({**self.read_metrics(), "status": "failed", "error": f"{type(err).__name__}: {err}"})
+        self.mark("failed", f"{type(err).__name__}: {err}")
 
     def mark_interrupted(self, how: str, step: int) -> None:
         """metrics.json says the run was stopped by a signal (so it is not finished), keeping what it measured."""
-        self.write_metrics({**self.read_metrics(), "status": "interrupted", "error": f"{how} at step {step}"})
+        self.mark("interrupted", f"{how} at step {step}")
+
+    def mark(self, status: str, error: str) -> None:
+        try:
+            metrics = self.read_metrics()
+        except BadFileError:  # a damaged metrics.json stays as it is for a person to look at
+            return
+        self.write_metrics({**metrics, "status": status, "error": error})
+
+    def load_config(self) -> Any:
+        """The run's resolved config (.hydra/config.yaml); BadFileError naming it when it is damaged."""
+        from omegaconf import DictConfig, OmegaConf
+
+        try:
+            config = OmegaConf.load(self.config)
+        except Exception as err:  # YAML and OmegaConf errors share no public base class
+            raise BadFileError(f"{self.config} is damaged ({type(err).__name__}); the run cannot be continued or "
+                               "re-evaluated from its config. Restore the file, or start a new run.") from err
+        if not isinstance(config, DictConfig):
+            raise BadFileError(f"{self.config} is damaged: it holds no config mapping.")
+        return config
 
     def finished(self) -> dict[str, Any]:
         """The metrics of a run that ended well, else {} (no metrics.json, or a failed or interrupted run)."""

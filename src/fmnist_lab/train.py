@@ -30,7 +30,7 @@ from fmnist_lab.artifacts import freeze, parameter_counts, save_weights, warm_st
 from fmnist_lab.config import ConfigError
 from fmnist_lab.data import CLASSES
 from fmnist_lab.gpu_step import CudaGraphs
-from fmnist_lab.models import Classifier
+from fmnist_lab.models import Classifier, UnknownNetworkError
 from fmnist_lab.run_dir import Interrupted, RunDir, atomic_write
 
 log = logging.getLogger(__name__)
@@ -74,8 +74,12 @@ def build(cfg: DictConfig, purge_step: int | None = None) -> tuple[pl.LightningD
     """Data module, model and trainer from the config. `purge_step` (on resume, the checkpoint's step):
     TensorBoard drops what the interrupted run logged after it, so the continued curves repeat no step."""
     datamodule = instantiate(cfg.data)
-    model = Classifier(net=plain(cfg.model), optimizer=plain(cfg.optimizer), scheduler=plain(cfg.scheduler) or None,
-                       num_classes=cfg.model.get("num_classes", 10), fused_optimizer=cfg.gpu.fused_optimizer)
+    try:
+        model = Classifier(net=plain(cfg.model), optimizer=plain(cfg.optimizer),
+                           scheduler=plain(cfg.scheduler) or None, num_classes=cfg.model.get("num_classes", 10),
+                           fused_optimizer=cfg.gpu.fused_optimizer)
+    except UnknownNetworkError as err:  # the network's own checks: arguments, sizes
+        raise ConfigError(f"Invalid config: {err}") from err
     try:  # both need the network built, so they are checked here, still before any data is read
         if cfg.finetune.init_from:
             loaded = warm_start(model.net, cfg.finetune.init_from, cfg.finetune.strict)

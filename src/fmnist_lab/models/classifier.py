@@ -14,6 +14,7 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from fmnist_lab.gpu_step import optimizer_options
+from fmnist_lab.models import build_net
 
 
 class Classifier(pl.LightningModule):
@@ -33,7 +34,7 @@ class Classifier(pl.LightningModule):
                  fused_optimizer: bool = True) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)  # the run logs the whole config once, with its results
-        self.net = instantiate(net)
+        self.net = build_net(net, "model")  # registered architectures only: checkpoints are data
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()

@@ -11,6 +11,28 @@ from torch import nn
 # and export takes raw pixels and a client needs no knowledge of them.
 PIXEL_MEAN, PIXEL_STD = 0.2860, 0.3530
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "leaky_relu": nn.LeakyReLU}
+# Far above anything that helps on 28x28 images, far below what exhausts a machine: a description asking for
+# more (a model.json from elsewhere) is refused before anything is allocated.
+MAX_WIDTH, MAX_LAYERS, MAX_CLASSES = 16_384, 32, 1_000
+
+
+def check_arguments(hidden: Sequence[int], activation: str, dropout: float, in_features: int,
+                    num_classes: int) -> None:
+    """ValueError naming the argument unless every value is one the MLP can be built from."""
+    def whole(value, low: int, high: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+    hidden = list(hidden) if isinstance(hidden, Sequence) and not isinstance(hidden, str) else None
+    for ok, key, value, allowed in (
+        (hidden is not None and len(hidden) <= MAX_LAYERS and all(whole(h, 1, MAX_WIDTH) for h in hidden or []),
+         "hidden", hidden, f"a list of at most {MAX_LAYERS} widths from 1 to {MAX_WIDTH}"),
+        (activation in ACTIVATIONS, "activation", activation, f"one of {sorted(ACTIVATIONS)}"),
+        (isinstance(dropout, int | float) and 0 <= dropout < 1, "dropout", dropout, "0 <= dropout < 1"),
+        (whole(in_features, 1, MAX_WIDTH), "in_features", in_features, f"an integer from 1 to {MAX_WIDTH}"),
+        (whole(num_classes, 1, MAX_CLASSES), "num_classes", num_classes, f"an integer from 1 to {MAX_CLASSES}"),
+    ):
+        if not ok:
+            raise ValueError(f"model.{key}={value!r} is not a network fmnist_lab builds: use {allowed}.")
 
 
 class MLP(nn.Module):
@@ -21,8 +43,7 @@ class MLP(nn.Module):
                  final_relu: bool = False, normalize: bool = True, in_features: int = 784,
                  num_classes: int = 10) -> None:
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"model.activation={activation!r} is unknown; choose one of {sorted(ACTIVATIONS)}.")
+        check_arguments(hidden, activation, dropout, in_features, num_classes)
         self.normalize = normalize
         self.flatten = nn.Flatten()
         layers: list[nn.Module] = []
