@@ -6,6 +6,7 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,3 +85,28 @@ def test_csv_logger_gets_the_final_metrics_and_the_run_keeps_its_files(synthetic
     final = [r for r in rows if r.get("hp/test_acc")]
     assert len(final) == 1 and float(final[0]["hp/test_acc"]) == pytest.approx(metrics["test/acc"])
     assert any(r.get("val/acc") for r in rows)  # the curves are there too
+
+
+def test_a_taken_run_directory_name_gets_a_suffix(tmp_path):
+    from fmnist_lab.run_dir import unique_dir
+
+    base = tmp_path / "2026-01-01" / "12-00-00"
+    base.mkdir(parents=True)  # another process started a run in the same second
+    first = unique_dir(str(base))
+    assert first == f"{base}_1" and Path(first).is_dir() and unique_dir(str(base)) == first  # stable when asked again
+
+
+@pytest.mark.slow
+def test_runs_started_together_in_one_folder_each_get_their_own_directory(synthetic_root, tmp_path):
+    """Three runs launched at once from the same folder: three directories, each with its own config and
+    results (before, runs started in the same second shared one)."""
+    processes = [subprocess.Popen([sys.executable, "-m", "fmnist_lab", f"seed={seed}", f"data.root={synthetic_root}",
+                                   "device=cpu", "debug=limit", "epochs=1", "logger=none", "~callbacks.onnx_export"],
+                                  cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for seed in (1, 2, 3)]
+    assert all(p.wait(timeout=300) == 0 for p in processes), [p.stderr.read()[-1500:] for p in processes]
+    runs = sorted(p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir())
+    assert len(runs) == 3
+    for run in runs:
+        seed = json.loads((run / "metrics.json").read_text())["seed"]
+        assert f"seed={seed}" in (run / ".hydra" / "overrides.yaml").read_text()

@@ -15,7 +15,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from fmnist_lab.run_dir import config_subdir, find_run, run_dir
+from fmnist_lab.run_dir import config_subdir, find_run, run_dir, unique_dir
 
 TRAIN_IMAGES = 60_000
 DEVICES = ("auto", "cpu", "gpu")
@@ -64,7 +64,9 @@ class TrainConfig:
 def register() -> None:
     """The schema, and the resolvers that send `resume=...` back into the run's own directory."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
-    OmegaConf.register_new_resolver("run_dir", run_dir, replace=True)
+    # cached: the directory is created once, and every later reading of the config (a joblib worker's too) gets it
+    OmegaConf.register_new_resolver("run_dir", run_dir, replace=True, use_cache=True)
+    OmegaConf.register_new_resolver("unique_dir", unique_dir, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("config_subdir", config_subdir, replace=True)
     OmegaConf.register_new_resolver("slurm_tasks", slurm_tasks, replace=True)
     OmegaConf.register_new_resolver("slurm_gpus", slurm_gpus, replace=True)

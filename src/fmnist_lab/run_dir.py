@@ -7,6 +7,7 @@ ONNX path to the callbacks that write them.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Callable
@@ -149,7 +150,27 @@ def run_dir(resume: str | None, log_dir: str, fresh: str) -> str:
     `<log_dir>/<date>/<time>` (also when `resume` names nothing: `validate` then stops with the error, which
     a resolver could only print as a traceback)."""
     found = find_run(resume, log_dir) if resume is not None else None
-    return str(found) if found else f"{log_dir}/{fresh}"
+    return str(found) if found else unique_dir(f"{log_dir}/{fresh}")
+
+
+CLAIMED: dict[str, str] = {}  # base name -> the directory this process created for it
+
+
+def unique_dir(base: str) -> str:
+    """`base`, else `base_1`, `base_2`, ...: the first that this process creates itself, so runs (or sweeps)
+    started in the same second from the same folder never share a directory (os.mkdir either creates or fails,
+    atomically). Asked again, the same process gets the same directory."""
+    if base not in CLAIMED:
+        Path(base).parent.mkdir(parents=True, exist_ok=True)
+        for n in itertools.count():
+            candidate = base if n == 0 else f"{base}_{n}"
+            try:
+                os.mkdir(candidate)
+            except FileExistsError:
+                continue
+            CLAIMED[base] = candidate
+            break
+    return CLAIMED[base]
 
 
 def config_subdir(resume: str | None) -> str:
