@@ -96,8 +96,8 @@ def test_ddp_inside_a_local_sweep_is_refused_with_the_ways_that_work(monkeypatch
 
 @pytest.mark.slow
 def test_requeued_sweep_job_continues_from_last_ckpt_in_its_directory(synthetic_root, tmp_path, monkeypatch):
-    """What SLURM does with a job that submitit requeues on preemption: run it again, with SLURM_RESTART_COUNT
-    set. After a SIGKILL in the middle of epoch 2, the job must continue from the epoch-1 checkpoint in the
+    """What SLURM does with a job that submitit requeues on preemption: run it again (SLURM_RESTART_COUNT
+    set). After a SIGKILL in the middle of epoch 2, the job must continue from the epoch-1 checkpoint in the
     same directory, and log each step once."""
     sweep_dir = tmp_path / "sweep"
     args = ["-m", f"data.root={synthetic_root}", "device=cpu", "~callbacks.onnx_export", "trainer.log_every_n_steps=20",

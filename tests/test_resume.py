@@ -157,6 +157,14 @@ def test_sigterm_in_a_sweep_records_the_job_and_stops_the_sweep(synthetic_root, 
     assert "interrupted: SIGTERM" in (sweep_dir / "summary.md").read_text()
     assert json.loads((sweep_dir / "0" / "metrics.json").read_text())["status"] == "interrupted"
 
+    # the same command again continues the sweep: job 0 from its checkpoint, then job 1
+    run_cli(tmp_path, "-m", "lr=0.05,0.1", f"data.root={synthetic_root}", "logger=none",
+            f"hydra.sweep.dir={sweep_dir}", *QUICK, "epochs=3")
+    first = json.loads((sweep_dir / "0" / "metrics.json").read_text())
+    assert first.get("status", "ok") == "ok" and 200 < first["resumed_from_step"] < 400
+    table = (sweep_dir / "summary.md").read_text()
+    assert table.count("| 0 |") == 1 and table.count("| 1 |") == 1 and "interrupted" not in table
+
 
 @pytest.mark.slow
 def test_ctrl_c_saves_marks_and_exits_130(synthetic_root, tmp_path):

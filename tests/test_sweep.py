@@ -99,3 +99,22 @@ def test_optuna_search_survives_a_diverging_trial_and_resumes_from_its_storage(s
     rows = list(csv.DictReader((sweep_dir / "summary.csv").open()))
     assert [r["status"] for r in rows] == ["failed", "ok", "ok"] and len({r["run_dir"] for r in rows}) == 3
     assert "**best**" in (sweep_dir / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_used_sweep_folder_is_continued_by_the_same_sweep_and_refused_to_another(synthetic_root, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    args = ["-m", "lr=0.05,0.1", f"data.root={synthetic_root}", f"hydra.sweep.dir={sweep_dir}", *QUICK]
+    run_cli(tmp_path, *args)
+    before = {p: p.read_bytes() for p in sweep_dir.rglob("*") if p.is_file() and p.parent.name != ".hydra"
+              and not p.name.endswith(".log") and p.name not in ("multirun.yaml", "summary.md", "summary.png")}
+
+    again = run_cli(tmp_path, *args)  # the same sweep: both jobs had finished, so nothing is trained again
+    assert again.stdout.count("artifacts: ") == 0
+    after = {p: p.read_bytes() for p in before}
+    assert after == before and len(list(csv.DictReader((sweep_dir / "summary.csv").open()))) == 2
+
+    other = run_cli(tmp_path, "-m", "lr=0.2,0.3", f"data.root={synthetic_root}", f"hydra.sweep.dir={sweep_dir}",
+                    *QUICK, check=False)
+    assert other.returncode == 1 and f"{sweep_dir} holds another sweep" in other.stderr
+    assert {p: p.read_bytes() for p in before} == before  # nothing of the first sweep was touched

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -61,11 +60,17 @@ def run_job(cfg: DictConfig, sweep_launcher: str | None) -> tuple[float | None, 
             if others:
                 log.warning(f"resume uses the run's own config; ignoring {' '.join(others)}")
             metrics = train(run.load_config(), resume=True)
+        elif sweep_launcher is not None and (metrics := run.read_metrics()).get("status", "ok") in ("ok", "failed") \
+                and metrics:
+            # The same sweep again in its folder (SweepSummary refuses a different one there): a job that ended
+            # keeps its result and its row, and is not trained again.
+            log.info(f"job {run.path.name} already ended ({metrics.get('status', 'ok')}); its result stands")
+            if metrics.get("status") == "failed":
+                return None, metrics.get("error", "failed"), 1
         else:
-            # A requeued SLURM job (preempted, or out of time) starts again in its own directory: continue there.
-            # Only then: a sweep run again into an old sweep directory must not pick up another config's run.
-            requeued = int(os.environ.get("SLURM_RESTART_COUNT", 0)) > 0 and run.last.is_file()
-            metrics = train(cfg, resume=requeued)
+            # A sweep job that stopped (a signal, a kill, a requeued SLURM job) continues from its last.ckpt in
+            # its own folder; one that stopped before its first checkpoint starts again.
+            metrics = train(cfg, resume=sweep_launcher is not None and run.last.is_file())
     except (ResumeError, BadFileError) as err:  # nothing was run: the run directory stays as it was
         return None, str(err), 1
     except Interrupted as err:  # metrics.json already says so

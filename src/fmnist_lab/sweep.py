@@ -69,6 +69,11 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def latest(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The last row of each job folder: an interrupted job that a continued sweep finished has two."""
+    return list({r["run_dir"]: r for r in rows}.values())
+
+
 def ranked(rows: list[dict[str, str]], mode: str) -> list[dict[str, str]]:
     """Finished jobs by objective (best first), then the failed ones by job number."""
     def key(row):
@@ -146,13 +151,29 @@ class SweepSummary(Callback):
     def __init__(self, metric: str = "val/acc_best", mode: str = "max") -> None:
         self.metric, self.mode = metric, mode
         self.earlier_rows = 0
+        self.grid = True
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not is_rank_zero():  # under torchrun every rank runs the sweep; rank zero keeps its books
             return
-        path = Path(config.hydra.sweep.dir) / "summary.csv"
+        sweep_dir = Path(config.hydra.sweep.dir)
+        # A grid sweep names its job folders 0, 1, ...: in a used folder, only the same sweep may continue.
+        # (An Optuna search names them by number and time, and continues its study there.)
+        self.grid = "optuna" not in str(config.hydra.sweeper.get("_target_", "")).lower()
+        earlier = sweep_dir / "multirun.yaml"
+        if self.grid and earlier.is_file():
+            from omegaconf import OmegaConf
+
+            before = sorted(OmegaConf.load(earlier).hydra.overrides.task)
+            now = sorted(config.hydra.overrides.task)
+            if before != now:
+                raise SystemExit(f"error: {sweep_dir} holds another sweep ({' '.join(before) or 'no overrides'}); "
+                                 f"this one ({' '.join(now) or 'no overrides'}) would write over its jobs. Leave "
+                                 "hydra.sweep.dir out for a new folder, or run that sweep's command again to "
+                                 "continue it.")
+        path = sweep_dir / "summary.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
-        if not path.is_file():  # a resumed sweep (same hydra.sweep.dir) keeps appending to its summary
+        if not path.is_file():  # a continued sweep (same hydra.sweep.dir) keeps appending to its summary
             path.write_text(",".join(COLUMNS) + "\n")
         self.earlier_rows = len(read_rows(path))  # the exit code is about this invocation's jobs
 
@@ -164,7 +185,10 @@ class SweepSummary(Callback):
         except Exception as err:  # Hydra would only warn: never lose the row, say what went wrong in it
             row = {"job": config.hydra.job.num, "status": "failed", "overrides": " ".join(config.hydra.overrides.task),
                    "error": f"summary could not read this job's result: {type(err).__name__}: {err}"}
-        append_row(Path(config.hydra.sweep.dir) / "summary.csv", row)
+        summary = Path(config.hydra.sweep.dir) / "summary.csv"
+        if any(r["run_dir"] == row["run_dir"] and r["status"] in ("ok", "failed") for r in read_rows(summary)):
+            return  # a job of a continued sweep that had ended: its row is there already
+        append_row(summary, row)
         if row["status"] == "interrupted":  # a signal stops the whole sweep, with the books written
             self.write_summary(Path(config.hydra.sweep.dir))
             print(f"sweep stopped: job {row['job']} was interrupted ({row['error']}); every finished job is in "
@@ -175,16 +199,17 @@ class SweepSummary(Callback):
         if not is_rank_zero():
             return
         sweep_dir = Path(config.hydra.sweep.dir)
-        this_run = read_rows(sweep_dir / "summary.csv")[self.earlier_rows:]
+        # a grid sweep is one sweep however often it was continued; a search's earlier trials were its own runs
+        rows = latest(read_rows(sweep_dir / "summary.csv")[0 if self.grid else self.earlier_rows:])
         self.write_summary(sweep_dir)
-        failed = [r["job"] for r in this_run if r["status"] != "ok"]
+        failed = [r["job"] for r in rows if r["status"] != "ok"]
         if failed:
-            raise SystemExit(f"{len(failed)} of {len(this_run)} sweep jobs failed (jobs {', '.join(failed)}); "
+            raise SystemExit(f"{len(failed)} of {len(rows)} sweep jobs failed (jobs {', '.join(failed)}); "
                              f"see {sweep_dir / 'summary.md'}")
 
     def write_summary(self, sweep_dir: Path) -> None:
         """summary.md and summary.png from summary.csv, and the table on the console."""
-        rows = ranked(read_rows(sweep_dir / "summary.csv"), self.mode)
+        rows = ranked(latest(read_rows(sweep_dir / "summary.csv")), self.mode)
         if not rows:
             return
         table = markdown(rows, self.metric)

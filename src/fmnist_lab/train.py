@@ -70,9 +70,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_write(Path(path), lambda tmp: torch.save(checkpoint, tmp))
 
 
-def build(cfg: DictConfig, purge_step: int | None = None) -> tuple[pl.LightningDataModule, Classifier, pl.Trainer]:
-    """Data module, model and trainer from the config. `purge_step` (on resume, the checkpoint's step):
-    TensorBoard drops what the interrupted run logged after it, so the continued curves repeat no step."""
+def build(cfg: DictConfig, purge_from: int | None = None) -> tuple[pl.LightningDataModule, Classifier, pl.Trainer]:
+    """Data module, model and trainer from the config. `purge_from`: TensorBoard drops the run folder's events
+    from this step on (a resumed run: those logged after its checkpoint; a job run again from scratch into
+    its sweep folder: all of them), so the curves repeat no step."""
     datamodule = instantiate(cfg.data)
     try:
         model = Classifier(net=plain(cfg.model), optimizer=plain(cfg.optimizer),
@@ -93,8 +94,8 @@ def build(cfg: DictConfig, purge_step: int | None = None) -> tuple[pl.LightningD
         raise ConfigError(f"Invalid config: {err}") from err
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
     callbacks += [CudaGraphs()] if cfg.gpu.cuda_graphs else []
-    # SummaryWriter's purge_step drops events at steps >= it: those logged after the checkpoint was taken
-    loggers = [instantiate(c, **({"purge_step": purge_step + 1} if purge_step and "TensorBoard" in c._target_ else {}))
+    purge = {"purge_step": purge_from} if purge_from is not None else {}  # SummaryWriter's: drops steps >= it
+    loggers = [instantiate(c, **(purge if "TensorBoard" in c._target_ else {}))
                for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
     plugins = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():  # submitit owns requeueing (see conf/hydra/launcher/slurm.yaml), not Lightning
@@ -160,7 +161,9 @@ def train(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
         log.info(f"resuming {run.path} from {ckpt_path} (step {purge_step})")
     if cfg.seed is not None:  # `if cfg.seed` would silently drop seed=0
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule, model, trainer = build(cfg, purge_step)
+    # a run directory with curves but nothing to resume from: a sweep job started again from scratch
+    purge_from = purge_step + 1 if purge_step is not None else 0 if run.tensorboard.is_dir() else None
+    datamodule, model, trainer = build(cfg, purge_from)
     params = parameter_counts(model.net)
     log.info("parameters: {total:,} total, {trainable:,} trainable, {frozen:,} frozen".format(**params))
 
