@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import run_cli
+from conftest import compose_cfg, run_cli
 
 BAD_CONFIG = [
     ("epochs=0", "epochs=0", "at least 1"),
@@ -17,10 +17,6 @@ BAD_CONFIG = [
     ("batch_size=0", "batch_size=0", "from 1 to the 55,000 training images"),
     ("batch_size=70000", "batch_size=70000", "from 1 to the 55,000 training images"),
     ("data.val_size=60000", "data.val_size=60000", "1..59999"),
-    ("model.hidden=[512,0]", "model.hidden=[512, 0]", "widths from 1 to 16384"),
-    ("model.hidden=[100000]", "model.hidden=[100000]", "widths from 1 to 16384"),
-    ("model.dropout=1.5", "model.dropout=1.5", "0 <= dropout < 1"),
-    ("+model.hiden=[64]", "takes no argument 'hiden'", "it takes hidden, activation"),
     ("device=tpu", "device='tpu'", "auto, cpu, gpu"),
     ("optimizer=sgdd", "Could not find 'optimizer/sgdd'", "adam\n\tadamw\n\tsgd"),
     ("data.backend=disk", "data.backend='disk'", "data.backend=device"),
@@ -34,8 +30,15 @@ BAD_CONFIG = [
     ("seed=4294967296", "seed=4294967296", "from 0 to 2**32 - 1"),
     ("optimizer.momentum=1.0", "optimizer.momentum=1.0", "0 <= optimizer.momentum < 1"),
     ("trainer.devices=2", "trainer.devices=2", "add trainer=ddp"),
-    ("finetune.freeze=[3]", "finetune.freeze: index 3 is out of range", "3 Linear layers"),
     ("finetune.init_from=nowhere", "finetune.init_from='nowhere'", "give a run directory, a .ckpt or a .pth"),
+]
+# Checked when the network is built, still before any data is read (in-process: the CLI path is the one above)
+BAD_NETWORK = [
+    ("model.hidden=[512,0]", r"model.hidden=\[512, 0\] .*widths from 1 to 16384"),
+    ("model.hidden=[100000]", r"model.hidden=\[100000\] .*widths from 1 to 16384"),
+    ("model.dropout=1.5", r"model.dropout=1.5 .*0 <= dropout < 1"),
+    ("+model.hiden=[64]", r"takes no argument 'hiden' \(it takes hidden, activation"),
+    ("finetune.freeze=[3]", r"finetune.freeze: index 3 is out of range; the model has 3 Linear layers"),
 ]
 
 
@@ -46,6 +49,16 @@ def test_bad_config_is_one_clear_error(tmp_path, override, names, explains):
     assert names in result.stderr and explains in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize(("override", "message"), BAD_NETWORK, ids=[b[0] for b in BAD_NETWORK])
+def test_bad_network_settings_are_one_clear_error_before_any_data(tmp_path, override, message):
+    from fmnist_lab.config import ConfigError
+    from fmnist_lab.train import build
+
+    with pytest.raises(ConfigError, match=message) as err:
+        build(compose_cfg("device=cpu", "data.root=/nonexistent", override, output_dir=tmp_path))
+    assert "\n" not in str(err.value)
 
 
 def test_gpu_without_a_gpu_is_an_error_not_a_cpu_run(tmp_path):

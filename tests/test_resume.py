@@ -17,6 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import compose_cfg, only_run_dir, run_cli
 from fmnist_lab.config import ConfigError, validate
+from fmnist_lab.evaluate import main as evaluate_main
 from fmnist_lab.run_dir import ResumeError, RunDir, find_run
 
 # 200 batches of 128 a epoch: a second or so, long enough to stop in the middle of epoch 2
@@ -177,7 +178,7 @@ def test_ctrl_c_saves_marks_and_exits_130(synthetic_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_damaged_run_files_are_named_by_resume_and_evaluate(synthetic_root, tmp_path):
+def test_damaged_run_files_are_named_by_resume_and_evaluate(synthetic_root, tmp_path, capsys):
     run_cli(tmp_path, f"data.root={synthetic_root}", "debug=limit", "epochs=1", "logger=none", *QUICK)
     run = only_run_dir(tmp_path)
     metrics = (run / "metrics.json").read_text()
@@ -187,18 +188,16 @@ def test_damaged_run_files_are_named_by_resume_and_evaluate(synthetic_root, tmp_
     assert result.returncode == 1 and f"{run / 'metrics.json'} is damaged" in result.stderr
     assert "Traceback" not in result.stderr
 
+    # evaluate in-process (its command line is tested in test_artifacts): quicker
     (run / "metrics.json").write_text(json.dumps({"status": "failed", "error": "FloatingPointError: nan"}))
-    evaluated = run_cli(tmp_path, f"run={run}", "device=cpu", f"data.root={synthetic_root}",
-                        module="fmnist_lab.evaluate")
-    assert "the run is marked failed (FloatingPointError: nan), so it recorded no test/acc" in evaluated.stdout
+    assert evaluate_main([f"run={run}", "device=cpu", f"data.root={synthetic_root}"]) == 0
+    assert "the run is marked failed (FloatingPointError: nan), so it recorded no test/acc" in capsys.readouterr().out
 
     (run / ".hydra" / "config.yaml").write_text("data: [unclosed\n")
     result = run_cli(tmp_path, f"resume={run}", check=False)
     assert result.returncode == 1 and f"{run / '.hydra' / 'config.yaml'} is damaged" in result.stderr
-    result = run_cli(tmp_path, f"run={run}", module="fmnist_lab.evaluate", check=False)
-    assert result.returncode == 1 and "config.yaml is damaged" in result.stderr and "Traceback" not in result.stderr
+    assert evaluate_main([f"run={run}"]) == 1 and "config.yaml is damaged" in capsys.readouterr().err
 
     (run / "model_weights.pth").write_bytes(b"\x00" * 100)
-    result = run_cli(tmp_path, f"run={run / 'model_weights.pth'}", f"data.root={synthetic_root}",
-                     module="fmnist_lab.evaluate", check=False)
-    assert result.returncode == 1 and f"{run / 'model_weights.pth'} is not a model file" in result.stderr
+    assert evaluate_main([f"run={run / 'model_weights.pth'}", f"data.root={synthetic_root}"]) == 1
+    assert f"{run / 'model_weights.pth'} is not a model file" in capsys.readouterr().err

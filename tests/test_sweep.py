@@ -7,6 +7,8 @@ import json
 import os
 import re
 import sqlite3
+import subprocess
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -83,22 +85,42 @@ def test_submitit_local_launcher_runs_jobs(synthetic_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_optuna_search_survives_a_diverging_trial_and_resumes_from_its_storage(synthetic_root, tmp_path):
+def test_optuna_search_survives_a_diverging_trial_and_a_kill_and_continues_its_study(synthetic_root, tmp_path):
     sweep_dir = tmp_path / "search"
-    common = ["hparams_search=optuna", f"hydra.sweep.dir={sweep_dir}", f"data.root={synthetic_root}", *QUICK]
+    common = ["hparams_search=optuna", f"hydra.sweep.dir={sweep_dir}", f"data.root={synthetic_root}",
+              "hydra.sweeper.n_jobs=1", *QUICK]
     # every trial of this first run diverges, whatever Optuna proposes: a failed trial, not a crash
-    first = run_cli(tmp_path, "-m", *common, "hydra.sweeper.n_trials=1", "hydra.sweeper.n_jobs=1",
-                    "hydra.sweeper.max_failure_rate=1.0", "optimizer.lr=10000", check=False)
+    first = run_cli(tmp_path, "-m", *common, "hydra.sweeper.n_trials=1", "hydra.sweeper.max_failure_rate=1.0",
+                    "optimizer.lr=10000", check=False)
     assert first.returncode == 1 and "1 of 1 sweep jobs failed" in first.stderr
     assert "Traceback" not in first.stderr
-    run_cli(tmp_path, "-m", *common, "hydra.sweeper.n_trials=2")  # continues the same study
 
+    # killed while its second trial trains: that trial is left RUNNING in the study
+    process = subprocess.Popen([sys.executable, "-m", "fmnist_lab", "-m", *common, "hydra.sweeper.n_trials=4"],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:
+        if "epoch 1/" in line:
+            process.kill()
+            break
+    process.wait(timeout=60)
+    assert trial_states(sweep_dir) == ["FAIL", "RUNNING"]
+
+    run_cli(tmp_path, "-m", *common, "hydra.sweeper.n_trials=4")  # continues: 4 trials in all
+    assert trial_states(sweep_dir) == ["FAIL", "FAIL", "COMPLETE", "COMPLETE"]
     with sqlite3.connect(sweep_dir / "optuna.db") as db:
-        states = [s for (s,) in db.execute("select state from trials order by number")]
-    assert states == ["FAIL", "COMPLETE", "COMPLETE"]
+        params = db.execute("select trial_id, param_name, param_value from trial_params").fetchall()
+    by_trial = {}
+    for trial, name, value in params:
+        by_trial.setdefault(trial, {})[name] = value
+    assert len({tuple(sorted(p.items())) for p in by_trial.values()}) == len(by_trial)  # no repeated trial
     rows = list(csv.DictReader((sweep_dir / "summary.csv").open()))
     assert [r["status"] for r in rows] == ["failed", "ok", "ok"] and len({r["run_dir"] for r in rows}) == 3
     assert "**best**" in (sweep_dir / "summary.md").read_text()
+
+
+def trial_states(sweep_dir: Path) -> list[str]:
+    with sqlite3.connect(sweep_dir / "optuna.db") as db:
+        return [s for (s,) in db.execute("select state from trials order by number")]
 
 
 @pytest.mark.slow
