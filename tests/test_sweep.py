@@ -9,6 +9,7 @@ import re
 import sqlite3
 import subprocess
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -140,3 +141,39 @@ def test_a_used_sweep_folder_is_continued_by_the_same_sweep_and_refused_to_anoth
                     *QUICK, check=False)
     assert other.returncode == 1 and f"{sweep_dir} holds another sweep" in other.stderr
     assert {p: p.read_bytes() for p in before} == before  # nothing of the first sweep was touched
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+@pytest.mark.slow
+def test_killing_a_parallel_sweep_leaves_no_workers_behind(synthetic_root, tmp_path):
+    """SIGKILL on a joblib sweep: its workers stop their jobs as a SIGTERM would (last.ckpt, marked
+    interrupted) and exit, instead of living on for minutes with a trained job's memory each."""
+    args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "lr=0.01,0.1", f"data.root={synthetic_root}",
+            "epochs=30", f"hydra.sweep.dir={tmp_path / 's'}", *QUICK]
+    process = subprocess.Popen([sys.executable, "-m", "fmnist_lab", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:
+        if line.startswith("epoch 2/"):  # a worker is training
+            break
+    workers = children(process.pid)
+    process.kill()
+    process.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    alive = [pid for pid in workers if Path(f"/proc/{pid}/stat").exists()
+             and " Z " not in Path(f"/proc/{pid}/stat").read_text()]
+    assert workers and not alive
+    statuses = [json.loads(p.read_text()).get("status") for p in (tmp_path / "s").glob("*/metrics.json")]
+    assert statuses and set(statuses) <= {"interrupted", None}

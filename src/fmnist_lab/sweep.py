@@ -15,6 +15,8 @@ import math
 import os
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -230,7 +232,31 @@ def share_machine(cfg: DictConfig) -> None:
         parallel = cores if n_jobs < 0 else min(n_jobs, cores)
         torch.set_num_threads(max(1, cores // parallel))
         log.info(f"{parallel} parallel jobs on {cores} cores: {torch.get_num_threads()} CPU threads for this one")
+        end_with_the_sweep()
     gpus = torch.cuda.device_count()
     if gpus > 1 and cfg.device != "cpu" and cfg.trainer.get("devices") == 1:
         cfg.trainer.devices = [hydra_cfg.job.num % gpus]
         log.info(f"job {hydra_cfg.job.num} on GPU {cfg.trainer.devices[0]} of {gpus}")
+
+
+WATCHED: set[int] = set()  # the processes that watch their sweep already
+
+
+def end_with_the_sweep() -> None:
+    """joblib's worker processes outlive a sweep that is killed (the pool waits minutes for more work, each
+    worker holding a trained job's memory). In a worker, a thread watches the sweep process: once it is gone,
+    the worker sends itself SIGTERM every few seconds, which stops a running job as Ctrl-C would (last.ckpt
+    saved, the job marked interrupted) and then ends the idle worker."""
+    parent = os.getppid()
+    if os.getpid() in WATCHED or parent == 1:
+        return
+    WATCHED.add(os.getpid())
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        while True:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+
+    threading.Thread(target=watch, name="end-with-the-sweep", daemon=True).start()
