@@ -201,3 +201,20 @@ def test_damaged_run_files_are_named_by_resume_and_evaluate(synthetic_root, tmp_
     (run / "model_weights.pth").write_bytes(b"\x00" * 100)
     assert evaluate_main([f"run={run / 'model_weights.pth'}", f"data.root={synthetic_root}"]) == 1
     assert f"{run / 'model_weights.pth'} is not a model file" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_resume_runs_no_code_that_a_saved_config_names(synthetic_root, tmp_path):
+    """A run folder may come from elsewhere: a _target_ in its .hydra/config.yaml that fmnist_lab's configs do
+    not name is refused (here a "callback" that would create a file)."""
+    run_cli(tmp_path, f"data.root={synthetic_root}", "debug=limit", "epochs=1", "logger=none", *QUICK)
+    run = only_run_dir(tmp_path)
+    (run / "metrics.json").unlink()
+    saved = (run / ".hydra" / "config.yaml").read_text()
+    crafted = saved.replace("callbacks:\n", "callbacks:\n  pwn:\n    _target_: builtins.open\n    file: PWNED\n"
+                            "    mode: w\n", 1)
+    assert crafted != saved
+    (run / ".hydra" / "config.yaml").write_text(crafted)
+    result = run_cli(tmp_path, f"resume={run}", check=False)
+    assert result.returncode == 1 and "callbacks.pwn._target_=builtins.open" in result.stderr
+    assert not (tmp_path / "PWNED").exists() and "Traceback" not in result.stderr

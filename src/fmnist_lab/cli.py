@@ -10,23 +10,16 @@ from __future__ import annotations
 import logging
 import math
 import sys
-from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fmnist_lab.config import ConfigError, register, validate
+from fmnist_lab.config import ConfigError, config_dir, register, untrusted_targets, validate
 from fmnist_lab.run_dir import BadFileError, Interrupted, ResumeError, RunDir, is_rank_zero
 
 log = logging.getLogger(__name__)
 register()  # the typed schema conf/train.yaml builds on
-
-
-def config_dir() -> str:
-    """The configs: inside the package for a wheel install, the repo's top-level conf/ for an editable one."""
-    packaged = Path(__file__).with_name("conf")
-    return str(packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "conf")
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
@@ -59,7 +52,9 @@ def run_job(cfg: DictConfig, sweep_launcher: str | None) -> tuple[float | None, 
             others = [o for o in HydraConfig.get().overrides.task if not o.startswith("resume=")]
             if others:
                 log.warning(f"resume uses the run's own config; ignoring {' '.join(others)}")
-            metrics = train(run.load_config(), resume=True)
+            config = run.load_config()
+            untrusted_targets(config, run.config)  # a run folder may come from elsewhere: it names no code
+            metrics = train(config, resume=True)
         elif sweep_launcher is not None and (metrics := run.read_metrics()).get("status", "ok") in ("ok", "failed") \
                 and metrics:
             # The same sweep again in its folder (SweepSummary refuses a different one there): a job that ended

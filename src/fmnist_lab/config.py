@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -59,6 +60,37 @@ class TrainConfig:
     trainer: Any = None
     logger: Any = None
     callbacks: Any = None
+
+
+def config_dir() -> str:
+    """The configs: inside the package for a wheel install, the repo's top-level conf/ for an editable one."""
+    packaged = Path(__file__).with_name("conf")
+    return str(packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "conf")
+
+
+def targets(node: Any, key: str = "") -> list[tuple[str, Any]]:
+    """(where, value) of every `_target_` in a plain config tree."""
+    if isinstance(node, dict):
+        return [(f"{key}._target_".lstrip("."), v) for k, v in node.items() if k == "_target_"] + \
+            [found for k, v in node.items() for found in targets(v, f"{key}.{k}")]
+    if isinstance(node, list):
+        return [found for i, v in enumerate(node) for found in targets(v, f"{key}[{i}]")]
+    return []
+
+
+def untrusted_targets(config: DictConfig, source: Path) -> None:
+    """BadFileError unless every `_target_` in `config` (a saved config, e.g. a run's .hydra/config.yaml) is one
+    that fmnist_lab's own configs name: a config file from elsewhere must not choose code to run."""
+    known = {value for path in Path(config_dir()).rglob("*.yaml")
+             for _, value in targets(OmegaConf.to_container(OmegaConf.load(path), resolve=False))}
+    found = [f"{key}={value}" for key, value in targets(OmegaConf.to_container(config, resolve=False))
+             if value not in known]
+    if found:
+        from fmnist_lab.run_dir import BadFileError
+
+        raise BadFileError(f"{source} names code that fmnist_lab's configs do not ({', '.join(found)}), so it is "
+                           "not run. If you made this run yourself with your own classes, start it again with the "
+                           "same overrides instead of resuming it.")
 
 
 def register() -> None:
