@@ -218,3 +218,48 @@ def test_resume_runs_no_code_that_a_saved_config_names(synthetic_root, tmp_path)
     result = run_cli(tmp_path, f"resume={run}", check=False)
     assert result.returncode == 1 and "callbacks.pwn._target_=builtins.open" in result.stderr
     assert not (tmp_path / "PWNED").exists() and "Traceback" not in result.stderr
+
+
+def mounted(folder: Path, options: str):
+    """A tmpfs mounted at `folder` with `options`, unmounted after the test."""
+    folder.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small file system here (needs root): {result.stderr.strip()}")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 14 MB file system: room for one epoch's two checkpoints of the default MLP (5.4 MB each), no more."""
+    yield from mounted(tmp_path / "disk", "size=14m")
+
+
+@pytest.fixture
+def read_only_disk(tmp_path):
+    yield from mounted(tmp_path / "ro", "ro,size=1m")
+
+
+def test_a_read_only_run_folder_is_refused_before_any_work(read_only_disk, tmp_path):
+    from fmnist_lab.run_dir import RunDirError
+    from fmnist_lab.train import train
+
+    with pytest.raises(RunDirError, match=r"ro/run is not writable \(Read-only file system\).*paths.log_dir"):
+        train(compose_cfg("device=cpu", "data.root=/nonexistent", output_dir=read_only_disk / "run"))
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_the_run_in_one_paragraph_and_keeps_the_last_good_checkpoint(synthetic_root, tmp_path,
+                                                                                       small_disk):
+    result = run_cli(tmp_path, f"paths.log_dir={small_disk}", f"data.root={synthetic_root}", "debug=limit",
+                     "epochs=3", "logger=none", *QUICK, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "no space left on device" in result.stderr and f"{small_disk}" in result.stderr
+    (run,) = [p.parent for p in small_disk.glob("*/*/checkpoints")]
+    assert not list(small_disk.rglob("*.tmp"))  # the half-written checkpoint is gone
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] > 0 and last["epoch"] == 0  # epoch 1's checkpoint, intact
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and "No space left on device" in metrics["error"]

@@ -19,7 +19,7 @@ from torch import nn
 import fmnist_lab
 from fmnist_lab.data.idx import CLASSES
 from fmnist_lab.models import build_net
-from fmnist_lab.run_dir import BadFileError, RunDir, atomic_write, read_json, write_json
+from fmnist_lab.run_dir import BadFileError, RunDir, atomic_write, read_json, save_torch, write_json
 
 INPUT_DESCRIPTION = "float32 [N, 1, 28, 28]: grayscale pixels in [0, 1], light garment on black (as ToTensor gives)"
 
@@ -55,7 +55,7 @@ def save_weights(net: nn.Module, net_config: dict, folder: Path, classes: Sequen
     """`model_weights.pth` (the state_dict, as in the PyTorch tutorial) + `model.json` (how to rebuild it)."""
     run = RunDir(folder)
     write_json(run.model_json, {"net": net_config, "classes": list(classes), "input": INPUT_DESCRIPTION})
-    return atomic_write(run.weights, lambda tmp: torch.save(net.state_dict(), tmp))
+    return save_torch(net.state_dict(), run.weights)
 
 
 def read_weights(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:

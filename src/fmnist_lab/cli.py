@@ -7,6 +7,7 @@ metrics.json failed, keeping its checkpoints. A single run then exits 1; a sweep
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import sys
@@ -16,7 +17,15 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from fmnist_lab.config import ConfigError, config_dir, register, untrusted_targets, validate
-from fmnist_lab.run_dir import BadFileError, Interrupted, ResumeError, RunDir, is_rank_zero
+from fmnist_lab.run_dir import (
+    BadFileError,
+    Interrupted,
+    ResumeError,
+    RunDir,
+    RunDirError,
+    describe_write_error,
+    is_rank_zero,
+)
 
 log = logging.getLogger(__name__)
 register()  # the typed schema conf/train.yaml builds on
@@ -70,7 +79,12 @@ def run_job(cfg: DictConfig, sweep_launcher: str | None) -> tuple[float | None, 
         return None, str(err), 1
     except Interrupted as err:  # metrics.json already says so
         return None, str(err), err.exit_code
+    except RunDirError as err:  # the folder cannot take files: nothing to mark
+        return None, err.strerror, 1
     except Exception as err:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            run.mark_failed(err)  # where it can still be written
+            return None, describe_write_error(err, run.path), 1
         if not isinstance(err, ConfigError | FloatingPointError) and not is_foreseen(err):
             log.exception("unexpected error")  # a bug: the traceback goes to the log and the console
         if is_rank_zero():

@@ -7,6 +7,8 @@ ONNX path to the callbacks that write them.
 
 from __future__ import annotations
 
+import errno
+import io
 import itertools
 import json
 import os
@@ -50,11 +52,43 @@ class Interrupted(Exception):
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
-    """Call `write(tmp)` for a temporary file beside `path`, then rename it into place (atomic on POSIX)."""
+    """Call `write(tmp)` for a temporary file beside `path`, then rename it into place (atomic on POSIX). When
+    the write fails (a full disk), the temporary file goes and `path` keeps its last good version."""
     tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror, str(path)) from err  # the file meant, not the temporary one
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
+
+
+def save_torch(obj: Any, path: Path) -> Path:
+    """torch.save, atomically. Serialized in memory first and written in one go, so that a full disk is an
+    OSError (ENOSPC) naming the file, where torch's own file writer only reports a position mismatch."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
+
+
+class RunDirError(OSError):
+    """The run directory cannot be written (read-only, full); the message names the path and what to do."""
+
+
+def describe_write_error(err: OSError, run: Path) -> str:
+    """One paragraph for an OSError met while writing a run's files."""
+    path = err.filename or run
+    what = "no space left on device" if err.errno == errno.ENOSPC else \
+        "not writable" if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else err.strerror or str(err)
+    return (f"Cannot write {path}: {what}. The run stopped; its last good checkpoint in {run / 'checkpoints'} "
+            "is intact (files are written to a temporary name first). Free space or choose another folder "
+            f"(paths.log_dir=...), then continue with: python -m fmnist_lab resume={run}")
 
 
 def write_json(path: Path, data: dict) -> Path:
@@ -95,10 +129,22 @@ class RunDir:
 
     def mark(self, status: str, error: str) -> None:
         try:
-            metrics = self.read_metrics()
-        except BadFileError:  # a damaged metrics.json stays as it is for a person to look at
-            return
-        self.write_metrics({**metrics, "status": status, "error": error})
+            self.write_metrics({**self.read_metrics(), "status": status, "error": error})
+        except (BadFileError, OSError):  # damaged, or the disk is full: the file stays as it was
+            pass
+
+    def check_writable(self) -> None:
+        """RunDirError before any work when the run directory cannot take files."""
+        probe = self.path / ".write-check"
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"fmnist_lab")
+            probe.unlink()
+        except OSError as err:
+            probe.unlink(missing_ok=True)
+            raise RunDirError(err.errno, f"{self.path} is not writable ({err.strerror}): a run writes its "
+                              "checkpoints and results there. Choose another folder with paths.log_dir=... or "
+                              "hydra.run.dir=..., or fix its permissions.") from err
 
     def load_config(self) -> Any:
         """The run's resolved config (.hydra/config.yaml); BadFileError naming it when it is damaged."""

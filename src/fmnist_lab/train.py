@@ -31,7 +31,7 @@ from fmnist_lab.config import ConfigError
 from fmnist_lab.data import CLASSES
 from fmnist_lab.gpu_step import CudaGraphs
 from fmnist_lab.models import Classifier, UnknownNetworkError
-from fmnist_lab.run_dir import Interrupted, RunDir, atomic_write
+from fmnist_lab.run_dir import Interrupted, RunDir, save_torch
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(Path(path), lambda tmp: torch.save(checkpoint, tmp))
+        save_torch(checkpoint, Path(path))
 
 
 def build(cfg: DictConfig, purge_from: int | None = None) -> tuple[pl.LightningDataModule, Classifier, pl.Trainer]:
@@ -149,7 +149,7 @@ def train(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
     """Run one job and return its metrics (also written to `<run dir>/metrics.json`). With `resume`, continue
     the run in cfg.paths.output_dir from its last.ckpt: same directory, same TensorBoard run, same counters."""
     run = RunDir(cfg.paths.output_dir)  # Hydra's run dir; we never chdir into it
-    run.path.mkdir(parents=True, exist_ok=True)
+    run.check_writable()  # a read-only folder stops the run before any work
     quiet_libraries()
     ckpt_path, purge_step = None, None
     if resume:
