@@ -135,7 +135,7 @@ class RunDir:
 
     def check_writable(self) -> None:
         """RunDirError before any work when the run directory cannot take files."""
-        probe = self.path / ".write-check"
+        probe = self.path / f".write-check-{os.getpid()}"  # one per process: DDP ranks check at once
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe.write_bytes(b"fmnist_lab")
