@@ -137,7 +137,7 @@ class SaveOnInterrupt(Callback):
         if not isinstance(exception, KeyboardInterrupt | SIGTERMException) or trainer.state.fn != "fit":
             return
         if trainer.world_size > 1:  # saving is collective and the other ranks may be gone: resume from the
-            return                  # epoch's (or trainer.ckpt_every_n_steps') last.ckpt instead
+            return                  # last epoch's last.ckpt instead
         path = self.dirpath / "last.ckpt"
         trainer.save_checkpoint(path)
         print(f"\nInterrupted at step {trainer.global_step} (epoch {trainer.current_epoch + 1}); saved {path}.\n"
