@@ -78,11 +78,13 @@ def test_joblib_runs_jobs_in_parallel_with_split_threads(synthetic_root, tmp_pat
 
 
 @pytest.mark.slow
-def test_submitit_local_launcher_runs_jobs(synthetic_root, tmp_path):
+def test_submitit_local_launcher_runs_jobs_that_share_the_cores(synthetic_root, tmp_path):
+    """Two jobs at once as local processes: like joblib's, each takes its share of the CPU threads."""
     _, sweep_dir, rows = sweep(tmp_path, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
-                               "lr=0.1", f"data.root={synthetic_root}", *QUICK)
-    assert [r["status"] for r in rows] == ["ok"] and (sweep_dir / ".submitit").is_dir()
-    assert json.loads((Path(rows[0]["run_dir"]) / "metrics.json").read_text())["test/acc"] > 0.5
+                               "lr=0.1,0.05", f"data.root={synthetic_root}", *QUICK)
+    assert sorted(r["status"] for r in rows) == ["ok", "ok"] and (sweep_dir / ".submitit").is_dir()
+    metrics = [json.loads((Path(r["run_dir"]) / "metrics.json").read_text()) for r in rows]
+    assert all(m["test/acc"] > 0.5 and m["cpu_threads"] == max(1, (os.cpu_count() or 1) // 2) for m in metrics)
 
 
 @pytest.mark.slow

@@ -173,6 +173,9 @@ class SweepSummary(Callback):
                                  f"this one ({' '.join(now) or 'no overrides'}) would write over its jobs. Leave "
                                  "hydra.sweep.dir out for a new folder, or run that sweep's command again to "
                                  "continue it.")
+        # how many jobs a launcher may run at once, for share_machine in each job (launched processes inherit it)
+        os.environ[PARALLEL_JOBS] = str(config.hydra.sweeper.get("n_jobs") or 1 if not self.grid
+                                        else count_jobs(config.hydra.overrides.task))
         path = sweep_dir / "summary.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.is_file():  # a continued sweep (same hydra.sweep.dir) keeps appending to its summary
@@ -221,17 +224,36 @@ class SweepSummary(Callback):
         print(f"\n{table}\nsummary: {sweep_dir / 'summary.md'} (and summary.csv, summary.png)")
 
 
+PARALLEL_JOBS = "FMNIST_LAB_SWEEP_JOBS"  # set by SweepSummary in the sweep process: jobs in a batch
+
+
+def count_jobs(task_overrides: list[str]) -> int:
+    """The jobs of a grid sweep: the product of the number of values of each swept key."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        overrides = OverridesParser.create().parse_overrides(list(task_overrides))
+        return math.prod(len(list(o.sweep_string_iterator())) if o.is_sweep_override() else 1 for o in overrides)
+    except Exception:  # a sweep syntax that cannot be counted ahead: only the thread split loses, not the sweep
+        return 1
+
+
 def share_machine(cfg: DictConfig) -> None:
-    """Parallel local jobs (joblib) split the CPU threads; with several GPUs, job k takes GPU k mod n."""
+    """Parallel local jobs (joblib, submitit_local) split the CPU threads; with several GPUs, job k takes GPU
+    k mod n."""
     import torch
 
     hydra_cfg = HydraConfig.get()
-    n_jobs = hydra_cfg.launcher.get("n_jobs") if "joblib" in str(hydra_cfg.launcher.get("_target_", "")) else None
+    target = str(hydra_cfg.launcher.get("_target_", ""))
+    batch = int(os.environ.get(PARALLEL_JOBS, 1))
+    n_jobs = hydra_cfg.launcher.get("n_jobs") if "joblib" in target else \
+        min(batch, hydra_cfg.launcher.get("array_parallelism") or batch) if "LocalLauncher" in target else None
     if n_jobs:
         cores = os.cpu_count() or 1
         parallel = cores if n_jobs < 0 else min(n_jobs, cores)
         torch.set_num_threads(max(1, cores // parallel))
         log.info(f"{parallel} parallel jobs on {cores} cores: {torch.get_num_threads()} CPU threads for this one")
+    if "joblib" in target:
         end_with_the_sweep()
     gpus = torch.cuda.device_count()
     if gpus > 1 and cfg.device != "cpu" and cfg.trainer.get("devices") == 1:
