@@ -248,6 +248,11 @@ def test_a_read_only_run_folder_is_refused_before_any_work(read_only_disk, tmp_p
 
     with pytest.raises(RunDirError, match=r"ro/run is not writable \(Read-only file system\).*paths.log_dir"):
         train(compose_cfg("device=cpu", "data.root=/nonexistent", output_dir=read_only_disk / "run"))
+    # on the command line, where Hydra creates the run folder before any training code runs
+    result = run_cli(tmp_path, f"paths.log_dir={read_only_disk / 'outputs'}", "device=cpu", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"cannot create the run folder {read_only_disk / 'outputs'}" in result.stderr
+    assert "Read-only file system" in result.stderr and "paths.log_dir=" in result.stderr
 
 
 @pytest.mark.slow

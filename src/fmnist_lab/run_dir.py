@@ -12,6 +12,7 @@ import io
 import itertools
 import json
 import os
+import sys
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -207,15 +208,20 @@ def unique_dir(base: str) -> str:
     started in the same second from the same folder never share a directory (os.mkdir either creates or fails,
     atomically). Asked again, the same process gets the same directory."""
     if base not in CLAIMED:
-        Path(base).parent.mkdir(parents=True, exist_ok=True)
-        for n in itertools.count():
-            candidate = base if n == 0 else f"{base}_{n}"
-            try:
-                os.mkdir(candidate)
-            except FileExistsError:
-                continue
-            CLAIMED[base] = candidate
-            break
+        try:
+            Path(base).parent.mkdir(parents=True, exist_ok=True)
+            for n in itertools.count():
+                candidate = base if n == 0 else f"{base}_{n}"
+                try:
+                    os.mkdir(candidate)
+                except FileExistsError:
+                    continue
+                CLAIMED[base] = candidate
+                break
+        except OSError as err:  # Hydra asks before any fmnist_lab code runs: say it here, and stop
+            print(f"error: cannot create the run folder {base}: {err.strerror}. Choose a writable place with "
+                  "paths.log_dir=... (or hydra.run.dir=...).", file=sys.stderr)
+            raise SystemExit(1) from err
     return CLAIMED[base]
 
 
