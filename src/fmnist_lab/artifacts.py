@@ -72,7 +72,8 @@ def read_weights(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         net_config = data.get("hyper_parameters", {}).get("net") if isinstance(data, dict) else None
         if not isinstance(net_config, dict) or not isinstance(data.get("state_dict"), dict):
             raise BadFileError(f"{path} is not an fmnist_lab checkpoint: it has no `net` hyperparameters or no "
-                                 "state_dict.")
+                               "state_dict. Give a checkpoint that a run wrote (checkpoints/best.ckpt), its "
+                               "model_weights.pth, or the run directory.")
         return net_config, {k.removeprefix("net."): v for k, v in data["state_dict"].items() if k.startswith("net.")}
     description = path.with_name("model.json")
     if not description.is_file():
@@ -81,7 +82,8 @@ def read_weights(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     net_config = read_json(description)
     if not (isinstance(net_config, dict) and isinstance(net_config.get("net"), dict) and isinstance(data, dict)):
         raise BadFileError(f"{description} does not describe a network (no `net` entry), or {path} is not a "
-                             "state_dict.")
+                           "state_dict. Use the model.json and model_weights.pth that a run wrote together, or "
+                           "the run's checkpoints/best.ckpt.")
     return net_config["net"], data
 
 

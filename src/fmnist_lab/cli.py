@@ -64,10 +64,10 @@ def run_job(cfg: DictConfig, sweep_launcher: str | None) -> tuple[float | None, 
             config = run.load_config()
             untrusted_targets(config, run.config)  # a run folder may come from elsewhere: it names no code
             metrics = train(config, resume=True)
-        elif sweep_launcher is not None and (metrics := run.read_metrics()).get("status", "ok") in ("ok", "failed") \
-                and metrics:
+        elif sweep_launcher is not None and job_ended(run):
             # The same sweep again in its folder (SweepSummary refuses a different one there): a job that ended
             # keeps its result and its row, and is not trained again.
+            metrics = run.read_metrics()
             log.info(f"job {run.path.name} already ended ({metrics.get('status', 'ok')}); its result stands")
             if metrics.get("status") == "failed":
                 return None, metrics.get("error", "failed"), 1
@@ -97,10 +97,15 @@ def run_job(cfg: DictConfig, sweep_launcher: str | None) -> tuple[float | None, 
     return (value if value is not None and math.isfinite(value) else None), None, 0
 
 
+def job_ended(run: RunDir) -> bool:
+    """The job's metrics.json says it finished or failed (not: missing, or interrupted)."""
+    metrics = run.read_metrics()
+    return bool(metrics) and metrics.get("status", "ok") in ("ok", "failed")
+
+
 def is_foreseen(err: Exception) -> bool:
     """Errors that fmnist_lab raises with a message that says what to do: no traceback for them."""
-    from fmnist_lab.artifacts import UnsafeFileError
     from fmnist_lab.data import DataError
     from fmnist_lab.train import ArtifactError
 
-    return isinstance(err, DataError | ArtifactError | UnsafeFileError)
+    return isinstance(err, DataError | ArtifactError)

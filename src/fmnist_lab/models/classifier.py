@@ -59,7 +59,8 @@ class Classifier(pl.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         loss = F.cross_entropy((self.train_forward or self.net)(x), y)
-        self.loss_sum = loss.detach() if self.loss_sum is None else self.loss_sum + loss.detach()
+        detached = loss.detach()
+        self.loss_sum = detached if self.loss_sum is None else self.loss_sum + detached
         self.loss_batches += 1
         return loss
 
