@@ -46,20 +46,17 @@ def test_one_epoch_on_real_data_writes_the_whole_contract(real_run):
 
 
 @pytest.mark.slow
-def test_seed_zero_and_data_root_are_honoured(real_root, tmp_path):
+def test_seed_zero_and_data_root_are_honoured(synthetic_root, tmp_path):
     """seed=0 is a real seed: two runs on the same device agree exactly (dropout draws random numbers too);
-    data.root points at a copy of the files elsewhere."""
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for f in real_root.glob("*.gz"):
-        (copy / f.name).write_bytes(f.read_bytes())
+    data.root is the data trained and tested on: the synthetic classes, which a few batches learn perfectly
+    (the real data set's test/acc after such a run is far below 0.99)."""
     runs = []
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
-        run_cli(tmp_path / name, "seed=0", f"data.root={copy}", "debug=limit", "epochs=1", "device=cpu",
+        run_cli(tmp_path / name, "seed=0", f"data.root={synthetic_root}", "debug=limit", "epochs=1", "device=cpu",
                 "logger=none", "model.dropout=0.2", "~callbacks.onnx_export")
         runs.append(json.loads((only_run_dir(tmp_path / name) / "metrics.json").read_text()))
-    assert runs[0]["seed"] == 0
+    assert runs[0]["seed"] == 0 and runs[0]["test/acc"] > 0.99
     for key in ("test/acc", "test/loss", "val/acc_best", "global_step"):
         assert runs[0][key] == runs[1][key]
 

@@ -9,9 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
 from conftest import compose_cfg
 from fmnist_lab.cli import config_dir
+from fmnist_lab.models import MLP
 from fmnist_lab.train import build
 
 GROUPS = sorted(p.name for p in Path(config_dir()).iterdir() if p.is_dir())
@@ -27,16 +30,58 @@ def test_every_group_has_options():
     assert {(g, o) for g, options in expected.items() for o in options} <= set(OPTIONS)
 
 
+def optimizer_and_scheduler(model) -> tuple[torch.optim.Optimizer, object]:
+    config = model.configure_optimizers()
+    if isinstance(config, torch.optim.Optimizer):
+        return config, None
+    return config["optimizer"], config["lr_scheduler"]["scheduler"]
+
+
+def checkpoints(trainer) -> list[str]:
+    return sorted(c.filename for c in trainer.callbacks if isinstance(c, ModelCheckpoint))
+
+
+# What each option must change in the built objects: an option that composes but does nothing fails here.
+EFFECTS = {
+    ("callbacks", "default"): lambda cfg, dm, model, trainer: checkpoints(trainer) == ["best", "last"],
+    ("callbacks", "none"): lambda cfg, dm, model, trainer: checkpoints(trainer) == [],
+    ("data", "fashion_mnist"): lambda cfg, dm, model, trainer: (dm.batch_size, dm.val_size) == (cfg.batch_size, 5000),
+    ("debug", "fast_dev_run"): lambda cfg, dm, model, trainer: trainer.fast_dev_run and not trainer.loggers,
+    ("debug", "limit"): lambda cfg, dm, model, trainer: (trainer.limit_train_batches, trainer.max_epochs) == (0.05, 2),
+    ("debug", "overfit"): lambda cfg, dm, model, trainer: trainer.overfit_batches == 4,
+    ("experiment", "seed_tutorial"): lambda cfg, dm, model, trainer: (
+        type(optimizer_and_scheduler(model)[0]) is torch.optim.SGD and optimizer_and_scheduler(model)[1] is None
+        and optimizer_and_scheduler(model)[0].defaults["lr"] == 1e-3 and dm.batch_size == 64),
+    ("hparams_search", "optuna"): lambda cfg, dm, model, trainer: cfg.optimized_metric == "val/acc_best",
+    ("logger", "csv"): lambda cfg, dm, model, trainer: [type(lg) for lg in trainer.loggers] == [CSVLogger],
+    ("logger", "none"): lambda cfg, dm, model, trainer: trainer.loggers == [],
+    ("logger", "tensorboard"): lambda cfg, dm, model, trainer: [type(lg) for lg in trainer.loggers] == [
+        TensorBoardLogger],
+    ("model", "mlp"): lambda cfg, dm, model, trainer: isinstance(model.net, MLP),
+    ("optimizer", "adam"): lambda cfg, dm, model, trainer: type(optimizer_and_scheduler(model)[0]) is torch.optim.Adam,
+    ("optimizer", "adamw"): lambda cfg, dm, model, trainer: type(optimizer_and_scheduler(model)[0]) is
+    torch.optim.AdamW,
+    ("optimizer", "sgd"): lambda cfg, dm, model, trainer: type(optimizer_and_scheduler(model)[0]) is torch.optim.SGD,
+    ("paths", "default"): lambda cfg, dm, model, trainer: trainer.default_root_dir == cfg.paths.output_dir,
+    ("scheduler", "cosine"): lambda cfg, dm, model, trainer: isinstance(
+        optimizer_and_scheduler(model)[1], torch.optim.lr_scheduler.CosineAnnealingLR),
+    ("scheduler", "none"): lambda cfg, dm, model, trainer: optimizer_and_scheduler(model)[1] is None,
+    ("scheduler", "step"): lambda cfg, dm, model, trainer: isinstance(
+        optimizer_and_scheduler(model)[1], torch.optim.lr_scheduler.StepLR),
+    ("trainer", "ddp"): lambda cfg, dm, model, trainer: isinstance(trainer.strategy, DDPStrategy),
+    ("trainer", "default"): lambda cfg, dm, model, trainer: type(trainer.strategy) is SingleDeviceStrategy,
+}
+
+
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_option_composes_and_builds(group, option, tmp_path):
+def test_option_composes_builds_and_takes_effect(group, option, tmp_path):
     cfg = compose_cfg(f"{group}={option}", "device=cpu", output_dir=tmp_path)
     datamodule, model, trainer = build(cfg)
     assert type(datamodule).__name__ == "FashionMNISTDataModule"
     assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
-    optimizer = model.configure_optimizers()
-    assert isinstance(optimizer if isinstance(optimizer, torch.optim.Optimizer) else optimizer["optimizer"],
-                      torch.optim.Optimizer)
     assert trainer.max_epochs == cfg.epochs or cfg.trainer.get("fast_dev_run")
+    assert (group, option) in EFFECTS, f"{group}={option}: add what it must change to EFFECTS"
+    assert EFFECTS[group, option](cfg, datamodule, model, trainer)
 
 
 def test_short_keys_reach_the_groups(tmp_path):

@@ -138,10 +138,32 @@ def test_fit_releases_train_and_val_before_testing(synthetic_root):
     gc.collect()
     assert train_images() is None and test_images() is not None
     (result,) = trainer.test(model, datamodule=dm, verbose=False)
-    assert 0 <= result["test/acc"] <= 1 and test_images() is not None
+    with torch.no_grad():  # the test ran on the whole test split, which is still there
+        right = sum(int((model(x).argmax(1) == y).sum()) for x, y in dm.test_dataloader())
+    assert result["test/acc"] == pytest.approx(right / 10_000, abs=1e-6) and test_images() is not None
     again = quick_trainer(max_epochs=2)
     again.fit(model, datamodule=dm)
     assert again.global_step == 6 and len(dm.tensors("train")[1]) == 55_000
+
+
+def test_train_and_validation_are_disjoint_and_cover_the_training_set(tmp_path):
+    """Every training image lands in exactly one of train and val: the images carry their own index in their
+    first two pixels, so the two splits can be checked index by index (and labels stay with their images)."""
+    index = torch.arange(60_000)
+    images = torch.zeros(60_000, 28, 28, dtype=torch.uint8)
+    images[:, 0, 0], images[:, 0, 1] = (index // 256).to(torch.uint8), (index % 256).to(torch.uint8)
+    _write_split(tmp_path, images, (index % 10).to(torch.uint8), split="train")
+    _write_split(tmp_path, *synthetic_split(10_000, seed=1))
+    dm = FashionMNISTDataModule(root=str(tmp_path), seed=5)
+    seen = {}
+    for split in ("train", "val"):
+        x, y = dm.tensors(split)
+        ids = x[:, 0, 0].long() * 256 + x[:, 0, 1].long()
+        assert torch.equal(y, ids % 10)
+        seen[split] = set(ids.tolist())
+        assert len(seen[split]) == len(ids)  # no image twice within a split either
+    assert (len(seen["train"]), len(seen["val"])) == (55_000, 5_000)
+    assert not seen["train"] & seen["val"] and seen["train"] | seen["val"] == set(range(60_000))
 
 
 def test_validation_split_is_seeded(synthetic_root):

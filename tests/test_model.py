@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import csv
+
 import lightning.pytorch as pl
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from conftest import compose_cfg
 from fmnist_lab.data import FashionMNISTDataModule
 from fmnist_lab.models import MLP, Classifier
+from fmnist_lab.train import train
 
 SGD = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.05, "momentum": 0.9}
 NET = {"_target_": "fmnist_lab.models.MLP", "hidden": [64]}
@@ -57,6 +61,45 @@ def test_training_steps_learn_and_log_every_n_steps(synthetic_root, tmp_path):
     losses = [e.value for e in events.Scalars("train/loss")]
     assert losses[-1] < losses[0] / 2
     assert {"val/acc", "val/loss", "val/acc_best", "train/lr", "test/acc"} <= set(events.Tags()["scalars"])
+    assert events.Scalars("val/acc_best")[-1].value == events.Scalars("val/acc")[-1].value  # one epoch: itself
+
+
+class SpoilAt(pl.Callback):
+    """Ruins the network just before the validation of `epoch`: the last layer votes class 0 for every image,
+    so val/acc falls to about 0.1 in that epoch and the final weights are the worst of the run."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch and not trainer.sanity_checking:
+            last = [m for m in pl_module.net.modules() if isinstance(m, torch.nn.Linear)][-1]
+            with torch.no_grad():
+                last.weight.zero_()
+                last.bias.copy_(torch.nn.functional.one_hot(torch.tensor(0), 10).float())
+
+
+def test_the_best_epoch_is_tested_saved_and_recorded_as_the_best(synthetic_root, tmp_path):
+    """val/acc rises, then falls in the last epoch: test/acc, model_weights.pth and val/acc_best all come from
+    the best epoch, and the logged val/acc_best curve is the running maximum of val/acc."""
+    metrics = train(compose_cfg(f"data.root={synthetic_root}", "device=cpu", "epochs=3", "logger=csv", "lr=0.002",
+                                "trainer.limit_train_batches=4", "trainer.log_every_n_steps=2",
+                                "trainer.limit_val_batches=2", "~callbacks.onnx_export",
+                                "+callbacks.spoil._target_=test_model.SpoilAt", "+callbacks.spoil.epoch=2",
+                                output_dir=tmp_path))
+    rows = [r for r in csv.DictReader((tmp_path / "csv" / "metrics.csv").open()) if r.get("val/acc")]
+    val_acc = [float(r["val/acc"]) for r in rows]
+    assert len(val_acc) == 3 and val_acc[0] < val_acc[1] and val_acc[2] < 0.2  # e.g. 0.5, 0.9, then 0.1
+    assert [float(r["val/acc_best"]) for r in rows] == [val_acc[0], val_acc[1], val_acc[1]]
+    assert metrics["val/acc_best"] == pytest.approx(val_acc[1])
+
+    assert metrics["test/acc"] > 0.5 and metrics["best_checkpoint"] == "checkpoints/best.ckpt"
+    best = torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=True)
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (best["epoch"], last["epoch"]) == (1, 2)
+    saved = torch.load(tmp_path / "model_weights.pth", weights_only=True)
+    assert all(torch.equal(value, best["state_dict"][f"net.{key}"]) for key, value in saved.items())
+    assert not all(torch.equal(value, last["state_dict"][f"net.{key}"]) for key, value in saved.items())
 
 
 def test_non_finite_loss_stops_training_with_a_hint(synthetic_root, tmp_path):

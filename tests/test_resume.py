@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -18,19 +20,19 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import compose_cfg, only_run_dir, run_cli
 from fmnist_lab.config import ConfigError, validate
 from fmnist_lab.evaluate import main as evaluate_main
-from fmnist_lab.run_dir import ResumeError, RunDir, find_run
+from fmnist_lab.run_dir import ResumeError, RunDir, atomic_write, find_run
 
 # 200 batches of 128 a epoch: a second or so, long enough to stop in the middle of epoch 2
 QUICK = ["device=cpu", "~callbacks.onnx_export", "trainer.log_every_n_steps=20", "trainer.limit_train_batches=200",
          "trainer.limit_val_batches=2"]
 
 
-def start_and_signal(cwd: Path, sig: int, *overrides: str) -> subprocess.CompletedProcess:
-    """Start a 3-epoch run, send `sig` a little into epoch 2, and wait for it to end."""
+def start_and_signal(cwd: Path, sig: int, *overrides: str, after_epoch: int = 1) -> subprocess.CompletedProcess:
+    """Start a 3-epoch run, send `sig` a little into the epoch after `after_epoch`, and wait for it to end."""
     process = subprocess.Popen([sys.executable, "-m", "fmnist_lab", *overrides, "epochs=3"], cwd=cwd,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in process.stdout:
-        if line.startswith("epoch 1/3"):  # EpochLog's line: epoch 1 is done, epoch 2 has begun
+        if line.startswith(f"epoch {after_epoch}/3"):  # EpochLog's line: that epoch is done, the next has begun
             time.sleep(0.3)
             process.send_signal(sig)
             break
@@ -56,7 +58,9 @@ def test_resume_latest_finds_the_newest_run_with_a_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_saves_last_ckpt_and_the_resumed_run_ends_like_an_uninterrupted_one(synthetic_root, tmp_path):
-    common = [f"data.root={synthetic_root}", "logger=none", *QUICK]
+    """Exact resume, RNG streams included: with dropout, the weights at the end of the last epoch (trained
+    after the resume) and that epoch's validation numbers equal those of a run never stopped."""
+    common = [f"data.root={synthetic_root}", "model.dropout=0.2", *QUICK]
     (tmp_path / "straight").mkdir()
     run_cli(tmp_path / "straight", "epochs=3", *common)
     straight = only_run_dir(tmp_path / "straight")
@@ -76,9 +80,43 @@ def test_sigterm_saves_last_ckpt_and_the_resumed_run_ends_like_an_uninterrupted_
     # the time of both sessions: three epochs, and a fit time that covers them
     assert len(b["epoch_seconds"]) == 3 and b["train_seconds"] >= sum(b["epoch_seconds"])
     assert (a["test/acc"], a["test/loss"], a["val/acc_best"]) == (b["test/acc"], b["test/loss"], b["val/acc_best"])
-    weights_a = torch.load(straight / "model_weights.pth", weights_only=True)
-    weights_b = torch.load(run / "model_weights.pth", weights_only=True)
-    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    for name in ("model_weights.pth", "checkpoints/last.ckpt"):
+        weights_a = torch.load(straight / name, weights_only=True)
+        weights_b = torch.load(run / name, weights_only=True)
+        if name.endswith(".ckpt"):
+            assert weights_a["global_step"] == weights_b["global_step"] == 3 * 200  # trained after the resume
+            weights_a, weights_b = weights_a["state_dict"], weights_b["state_dict"]
+        assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a), name
+    last_epoch = [last_scalars(r, ("val/loss", "val/acc", "train/loss_epoch")) for r in (straight, run)]
+    assert last_epoch[0] == last_epoch[1]
+
+
+def last_scalars(run: Path, tags: tuple[str, ...]) -> dict[str, tuple[int, float]]:
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    return {tag: (events.Scalars(tag)[-1].step, events.Scalars(tag)[-1].value) for tag in tags}
+
+
+def test_a_write_that_fails_half_way_keeps_the_previous_file_whole(tmp_path):
+    """metrics.json, checkpoints, weights and model.onnx are written through atomic_write: a writer that dies
+    half-way (a full disk, a Ctrl-C) leaves the last good file complete and no temporary file behind."""
+    target = tmp_path / "metrics.json"
+    target.write_text('{"test/acc": 0.9}')
+
+    def half(error: BaseException):
+        def write(tmp: Path) -> None:
+            tmp.write_text('{"test/a')
+            raise error
+        return write
+
+    with pytest.raises(OSError, match="No space left on device") as info:
+        atomic_write(target, half(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
+    assert info.value.filename == str(target)  # the error names the file meant, not the temporary one
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, half(KeyboardInterrupt()))
+    assert target.read_text() == '{"test/acc": 0.9}' and os.listdir(tmp_path) == ["metrics.json"]
+    atomic_write(target, lambda tmp: tmp.write_text("{}"))
+    assert target.read_text() == "{}" and os.listdir(tmp_path) == ["metrics.json"]
 
 
 @pytest.mark.slow

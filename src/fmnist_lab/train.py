@@ -18,6 +18,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -102,6 +103,8 @@ def build(cfg: DictConfig, purge_from: int | None = None) -> tuple[pl.LightningD
         plugins.append(SLURMEnvironment(auto_requeue=False))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins,
                           enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
+                          # only the configured checkpoints: with none, Lightning would add its own epoch=N.ckpt
+                          enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
                           enable_model_summary=False)
     return datamodule, model, trainer
 
