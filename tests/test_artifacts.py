@@ -24,7 +24,7 @@ from fmnist_lab.artifacts import UnsafeFileError, first_images, freeze, save_wei
 from fmnist_lab.callbacks import OnnxExport
 from fmnist_lab.data import CLASSES, FashionMNISTDataModule, load_split
 from fmnist_lab.evaluate import evaluate
-from fmnist_lab.models import MLP, Classifier, UnknownNetworkError, register
+from fmnist_lab.models import CNN, MLP, Classifier, UnknownNetworkError, register
 from fmnist_lab.predict import main as predict_main
 from fmnist_lab.train import train
 
@@ -128,10 +128,46 @@ def test_partial_warm_start_and_freeze_options(tmp_path):
     assert warm_start(narrower, tmp_path, strict=False) == ["layers.0.weight", "layers.0.bias", "layers.4.bias"]
     assert freeze(narrower, [0, "layers.4"]) == ["layers.0", "layers.4"]
     assert [p.requires_grad for p in narrower.parameters()] == [False, False, True, True, False, False]
-    with pytest.raises(ValueError, match=r"index 3 is out of range; the model has 3 Linear layers"):
+    with pytest.raises(ValueError, match=r"index 3 is out of range; the model has 3 Conv2d/Linear layers"):
         freeze(narrower, [3])
     with pytest.raises(ValueError, match=r"no layer named 'fc1'"):
         freeze(narrower, ["fc1"])
+
+
+def test_the_cnn_trains_exports_loads_predicts_and_freezes_by_name(synthetic_root, tmp_path, capsys):
+    """Everything a run gives the MLP, for the CNN: a trained model, an ONNX export that matches it, weights and
+    checkpoints that load back, predictions, and a warm start with a conv block frozen by its module name."""
+    small = ["model=cnn", "model.channels=[8,16]", "model.hidden=32"]
+    common = [f"data.root={synthetic_root}", "device=cpu", "debug=limit", "epochs=1", "logger=none", *small]
+    run = tmp_path / "run"
+    metrics = train(compose_cfg(*common, output_dir=run))
+    assert metrics["test/acc"] > 0.9 and metrics["onnx"]["ok"] and metrics["onnx"]["max_abs_diff"] <= 1e-4
+    assert metrics["params"]["total"] == sum(p.numel() for p in CNN(channels=[8, 16], hidden=32).parameters())
+
+    images, labels = load_split(synthetic_root, "test")
+    x = images[:64].unsqueeze(1).float() / 255
+    net = load_model(run)
+    assert isinstance(net, CNN) and not net.training
+    with torch.no_grad():
+        expected = net(x)
+        assert torch.equal(load_model(run / "checkpoints" / "best.ckpt")(x), expected)
+    session = ort.InferenceSession(str(run / "model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(["logits"], {"image": x.numpy()})[0], expected.numpy(), atol=1e-4)
+
+    png = tmp_path / "image.png"
+    Image.fromarray(images[0].numpy(), mode="L").save(png)
+    capsys.readouterr()  # the run's own report
+    assert predict_main([f"model={run / 'model.onnx'}", str(png), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["class"] == CLASSES[int(labels[0])]
+
+    assert freeze(CNN(channels=[8, 16], hidden=32), [0, -1]) == ["features.0.0", "head.3"]
+    warm = train(compose_cfg(*common, f"finetune.init_from={run}", "finetune.freeze=[features.0]", "callbacks=none",
+                             output_dir=tmp_path / "warm"))
+    assert warm["params"]["frozen"] == 8 * 9 + 2 * 8  # the first conv and its batch norm's scale and shift
+    before = torch.load(run / "model_weights.pth", weights_only=True)
+    after = torch.load(tmp_path / "warm" / "model_weights.pth", weights_only=True)
+    assert all(torch.equal(after[k], before[k]) for k in ("features.0.0.weight", "features.0.1.weight"))
+    assert not torch.equal(after["features.1.0.weight"], before["features.1.0.weight"])
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
 from conftest import compose_cfg
 from fmnist_lab.cli import config_dir
-from fmnist_lab.models import MLP
+from fmnist_lab.models import CNN, MLP
 from fmnist_lab.train import build
 
 GROUPS = sorted(p.name for p in Path(config_dir()).iterdir() if p.is_dir())
@@ -57,6 +57,8 @@ EFFECTS = {
     ("logger", "none"): lambda cfg, dm, model, trainer: trainer.loggers == [],
     ("logger", "tensorboard"): lambda cfg, dm, model, trainer: [type(lg) for lg in trainer.loggers] == [
         TensorBoardLogger],
+    ("model", "cnn"): lambda cfg, dm, model, trainer: isinstance(model.net, CNN) and sum(
+        p.numel() for p in model.net.parameters()) < 500_000,
     ("model", "mlp"): lambda cfg, dm, model, trainer: isinstance(model.net, MLP),
     ("optimizer", "adam"): lambda cfg, dm, model, trainer: type(optimizer_and_scheduler(model)[0]) is torch.optim.Adam,
     ("optimizer", "adamw"): lambda cfg, dm, model, trainer: type(optimizer_and_scheduler(model)[0]) is

@@ -21,6 +21,8 @@ from fmnist_lab.data import (
     load_split,
     read_idx,
 )
+from fmnist_lab.data.augment import Augment
+from fmnist_lab.data.datamodule import Tensors
 from fmnist_lab.models import Classifier
 
 
@@ -215,3 +217,60 @@ def test_device_loader_state_continues_an_epoch_where_it_stopped():
     ended = loader(epoch=lambda: 1)  # the trainer is at epoch 1 after a checkpoint from the end of epoch 0
     ended.load_state_dict({"epoch": 0, "batches": len(ended)})
     assert all(torch.equal(a, b) for a, b in zip([y for _, y in ended], epochs[1], strict=True))
+
+
+def first_batch(dm: FashionMNISTDataModule, split: str) -> Tensors:
+    return next(iter(getattr(dm, f"{split}_dataloader")()))
+
+
+AUGMENT = {"crop_padding": 2, "flip": 0.5, "erase": 0.5}
+
+
+@pytest.mark.parametrize("backend", ["device", "dataloader"])
+def test_augmentation_changes_training_batches_and_never_validation_or_test(synthetic_root, backend):
+    plain = FashionMNISTDataModule(root=str(synthetic_root), backend=backend, seed=3)
+    augmented = FashionMNISTDataModule(root=str(synthetic_root), backend=backend, seed=3, augment=AUGMENT)
+    for split in ("val", "test"):
+        a, b = first_batch(plain, split), first_batch(augmented, split)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), split
+    torch.manual_seed(0)
+    a, b = first_batch(plain, "train"), first_batch(augmented, "train")
+    assert torch.equal(a[1], b[1]) and a[0].shape == b[0].shape  # same images, same order, same labels
+    changed = (a[0] != b[0]).flatten(1).any(1).float().mean()
+    assert changed > 0.7  # unchanged only where no crop shift, flip or erasing was drawn
+
+
+def test_device_augmentation_does_what_each_option_says():
+    x = torch.rand(64, 1, 28, 28)
+    torch.manual_seed(0)
+    assert torch.equal(Augment(flip=1.0)(x), x.flip(-1)) and torch.equal(Augment()(x), x) and not Augment()
+    flipped = (Augment(flip=0.5)(x) != x).flatten(1).any(1).float().mean()
+    assert 0.3 < flipped < 0.7
+
+    cropped = Augment(crop_padding=2)(x)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    windows = [padded[:, :, dy:dy + 28, dx:dx + 28] for dy in range(5) for dx in range(5)]
+    found = torch.stack([(cropped == w).flatten(1).all(1) for w in windows], 1)  # [64, 25]: which window it is
+    assert found.any(1).all() and found.float().sum(0).max() < 20  # every image one window, the windows vary
+
+    ones = torch.ones(256, 1, 28, 28)
+    erased = Augment(erase=1.0)(ones)[:, 0] == 0
+    counts = erased.flatten(1).sum(1)
+    assert (counts >= 1).all() and (counts <= 28 * 28 * 0.33 * 1.2).all() and counts.float().mean() > 28 * 28 * 0.1
+    rows, cols = erased.any(2).sum(1), erased.any(1).sum(1)
+    assert torch.equal(rows * cols, counts)  # each erased area is one rectangle
+
+    torch.manual_seed(1)
+    first = Augment(**AUGMENT)(x)
+    torch.manual_seed(1)
+    assert torch.equal(Augment(**AUGMENT)(x), first)  # seeded by torch's generator: exact resume draws the same
+
+
+@pytest.mark.parametrize(("augment", "message"), [
+    ({"flip": 2}, r"data.augment.flip=2 is not valid: use a probability from 0 to 1"),
+    ({"crop_padding": -1}, r"data.augment.crop_padding=-1 is not valid"),
+    ([{"_target_": "torchvision.transforms.RandomHorizontalFlip"}], r"data.augment=.* data.transforms"),
+])
+def test_bad_augmentation_is_named(augment, message):
+    with pytest.raises(ValueError, match=message):
+        FashionMNISTDataModule(root="unused", augment=augment)

@@ -20,6 +20,7 @@ BAD_CONFIG = [
     ("device=tpu", "device='tpu'", "auto, cpu, gpu"),
     ("optimizer=sgdd", "Could not find 'optimizer/sgdd'", "adam\n\tadamw\n\tsgd"),
     ("data.backend=disk", "data.backend='disk'", "data.backend=device"),
+    ("data.augment.flip=2", "data.augment.flip=2", "a probability from 0 to 1"),
     ("trainer.precision=8-bit", "trainer.precision='8-bit'", "bf16-mixed"),
     ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0", "an integer >= 1"),
     ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val=-1", "a positive number"),
@@ -38,7 +39,10 @@ BAD_NETWORK = [
     ("model.hidden=[100000]", r"model.hidden=\[100000\] .*widths from 1 to 16384"),
     ("model.dropout=1.5", r"model.dropout=1.5 .*0 <= dropout < 1"),
     ("+model.hiden=[64]", r"takes no argument 'hiden' \(it takes hidden, activation"),
-    ("finetune.freeze=[3]", r"finetune.freeze: index 3 is out of range; the model has 3 Linear layers"),
+    ("finetune.freeze=[3]", r"finetune.freeze: index 3 is out of range; the model has 3 Conv2d/Linear layers"),
+    ("model=cnn model.channels=[8,8,8,8,8]", r"model.channels=\[8, 8, 8, 8, 8\] .*a list of 1 to 4 widths"),
+    ("model=cnn model.convs_per_block=0", r"model.convs_per_block=0 .*an integer from 1 to 8"),
+    ("model=cnn finetune.freeze=[features.9]", r"no layer named 'features.9'; .* features.0.0, features.1.0"),
 ]
 
 
@@ -57,7 +61,7 @@ def test_bad_network_settings_are_one_clear_error_before_any_data(tmp_path, over
     from fmnist_lab.train import build
 
     with pytest.raises(ConfigError, match=message) as err:
-        build(compose_cfg("device=cpu", "data.root=/nonexistent", override, output_dir=tmp_path))
+        build(compose_cfg("device=cpu", "data.root=/nonexistent", *override.split(), output_dir=tmp_path))
     assert "\n" not in str(err.value)
 
 

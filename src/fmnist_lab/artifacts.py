@@ -111,19 +111,22 @@ def warm_start(net: nn.Module, path: str | Path, strict: bool = True) -> list[st
 
 
 def freeze(net: nn.Module, layers: Sequence[int | str]) -> list[str]:
-    """Freeze layers given as an index into the Linear layers (0 = first, -1 = last) or a module name
-    (`layers.0`). Frozen parameters get `requires_grad=False` and stay out of the optimizer."""
-    linears = [name for name, m in net.named_modules() if isinstance(m, nn.Linear)]
+    """Freeze layers given as an index into the layers with weights, Conv2d and Linear in order (0 = first,
+    -1 = last), or a module name (`layers.0`, `features.1`: a whole block). Frozen parameters get
+    `requires_grad=False` and stay out of the optimizer; a frozen block's batch norm still updates its running
+    statistics in training."""
+    weighted = [name for name, m in net.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
     modules = dict(net.named_modules())
     names = []
     for layer in layers:
         if isinstance(layer, int):
-            if not -len(linears) <= layer < len(linears):
-                raise ValueError(f"finetune.freeze: index {layer} is out of range; the model has {len(linears)} "
-                                 f"Linear layers ({', '.join(linears)}).")
-            layer = linears[layer]
+            if not -len(weighted) <= layer < len(weighted):
+                raise ValueError(f"finetune.freeze: index {layer} is out of range; the model has {len(weighted)} "
+                                 f"Conv2d/Linear layers ({', '.join(weighted)}).")
+            layer = weighted[layer]
         if layer not in modules or not layer:
-            raise ValueError(f"finetune.freeze: no layer named {layer!r}; use an index or one of {', '.join(linears)}.")
+            raise ValueError(f"finetune.freeze: no layer named {layer!r}; use an index or a module name such as "
+                             f"{', '.join(weighted)}.")
         modules[layer].requires_grad_(False)
         names.append(layer)
     return names

@@ -163,6 +163,16 @@ def validate(cfg: DictConfig, sweep_launcher: str | None = None) -> None:
               f"A batch size must be an integer from 1 to the {train_size:,} training images (e.g. 128).")
     check(data.backend in ("device", "dataloader"), "data.backend", data.backend,
           "Use data.backend=device (whole splits on the training device) or data.backend=dataloader.")
+    augment = data.get("augment") or {}
+    check(isinstance(augment, DictConfig) and set(augment) <= {"crop_padding", "flip", "erase"}, "data.augment",
+          augment, "It takes crop_padding, flip and erase (e.g. data.augment.flip=0.5); torchvision transforms "
+          "for the dataloader backend go in data.transforms.")
+    from fmnist_lab.data.augment import Augment  # here: config checks stay importable without torch
+
+    try:
+        Augment(**augment)
+    except ValueError as err:
+        raise ConfigError(f"Invalid config: {err}") from err
 
     trainer = cfg.trainer
     precision = str(trainer.get("precision", "32-true"))

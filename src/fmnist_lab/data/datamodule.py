@@ -3,14 +3,19 @@
 Two backends serve the same batches (float32 images in [0, 1] shaped [B, 1, 28, 28], int64 labels):
 - ``device``: every split is one uint8 tensor on the training device and `DeviceLoader` gathers each batch
   from a seeded permutation: no per-sample Python work, no host-to-device copy per step.
-- ``dataloader``: a torchvision dataset with transforms behind a torch DataLoader, for augmentation.
+- ``dataloader``: a torchvision dataset with transforms behind a torch DataLoader (worker processes, your own
+  torchvision transforms in `transforms`).
+
+`augment` (random crop with padding, horizontal flip, random erasing) changes training batches only, on either
+backend: on the device path a whole batch at once where it lives (`Augment`), on the dataloader path as the
+equivalent torchvision transforms. Validation and test batches are never augmented.
 
 Normalization is not done here: it lives inside the model, so checkpoints and exports take raw pixels.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -18,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.datasets import VisionDataset
 
+from fmnist_lab.data.augment import Augment
 from fmnist_lab.data.idx import FILES, TEST_SIZE, TRAIN_SIZE, DataError, default_root, find_file, load_split, to_float
 
 Tensors = tuple[torch.Tensor, torch.Tensor]
@@ -40,13 +46,17 @@ class DeviceLoader:
 
     `tensors` is asked for the split at each pass, so the loader holds no data between passes: the data module
     can release the training split once fit ends although Lightning keeps the loader.
+
+    `transform` (the training loader's `Augment`) is applied to each float batch on its device.
     """
 
     def __init__(self, tensors: Callable[[], Tensors], batch_size: int, shuffle: bool = False,
                  drop_last: bool = False, seed: int = 0, rank: int = 0, world: int = 1, pad: bool = False,
-                 epoch: Callable[[], int] | None = None) -> None:
+                 epoch: Callable[[], int] | None = None,
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.tensors, self.batch_size, self.shuffle, self.drop_last = tensors, batch_size, shuffle, drop_last
         self.seed, self.rank, self.world, self.pad, self.epoch = seed, rank, world, pad, epoch
+        self.transform = transform
         self.passes = 0
         self.position = {"epoch": 0, "batches": 0}  # the pass in progress and the batches it has handed out
         self.resume_at: dict[str, int] = {}
@@ -80,7 +90,8 @@ class DeviceLoader:
             index = slice(start, start + size) if order is None else order[start:start + size]
             self.position["batches"] += 1  # counted when handed out: Lightning asks for a batch only to train it
             # uint8 at rest, float per batch: 4x less memory than a float copy of the split, same values
-            yield to_float(images[index]), labels[index]
+            x = to_float(images[index])
+            yield (self.transform(x) if self.transform else x), labels[index]
 
     def state_dict(self) -> dict[str, int]:
         return dict(self.position)
@@ -112,12 +123,17 @@ class FashionMNISTDataModule(pl.LightningDataModule):
     def __init__(self, root: str | None = None, batch_size: int = 128, val_size: int = 5000,
                  backend: str = "device", seed: int = 42, download: bool = False, num_workers: int = 0,
                  pin_memory: bool = False, eval_batch_size: int = 1000, drop_last: bool = False,
-                 augment: Sequence | None = None) -> None:
+                 augment: Mapping | None = None, transforms: Sequence | None = None) -> None:
         super().__init__()
+        if augment is not None and not isinstance(augment, Mapping):
+            raise ValueError(f"data.augment={augment!r} is not valid: it takes crop_padding, flip and erase (e.g. "
+                             "data.augment.flip=0.5); torchvision transforms for the dataloader backend go in "
+                             "data.transforms.")
         self.root = Path(root) if root else default_root()
         self.batch_size, self.eval_batch_size, self.val_size = batch_size, eval_batch_size, val_size
         self.backend, self.seed, self.download, self.drop_last = backend, seed, download, drop_last
-        self.num_workers, self.pin_memory, self.augment = num_workers, pin_memory, list(augment or [])
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.augment, self.transforms = Augment(**(augment or {})), list(transforms or [])
         self.splits: dict[str, Tensors] = {}
 
     def prepare_data(self) -> None:
@@ -167,10 +183,12 @@ class FashionMNISTDataModule(pl.LightningDataModule):
             rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
             epoch = (lambda: self.trainer.current_epoch) if self.trainer else None
             return DeviceLoader(lambda: self.tensors(split), batch_size, shuffle=shuffle, seed=self.seed,
-                                drop_last=train and self.drop_last, rank=rank, world=world, pad=train, epoch=epoch)
+                                drop_last=train and self.drop_last, rank=rank, world=world, pad=train, epoch=epoch,
+                                transform=self.augment if train and self.augment else None)
         from torchvision import transforms
 
-        transform = transforms.Compose([*(self.augment if train else []), transforms.ToTensor()])
+        steps = [*self.transforms, *self.augment.torchvision()] if train else [transforms.ToTensor()]
+        transform = transforms.Compose(steps)
         return DataLoader(FashionMNISTImages(*self.tensors(split), transform), batch_size=batch_size,
                           shuffle=shuffle, drop_last=train and self.drop_last, num_workers=self.num_workers,
                           pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,

@@ -1,4 +1,4 @@
-"""The networks (`mlp`), the registry of those a config or a file may name, and the LightningModule that
+"""The networks (`mlp`, `cnn`), the registry of those a config or a file may name, and the LightningModule that
 trains any of them (`classifier`).
 
 A network is described by a plain dict, `{"_target_": <registered name>, **arguments}`: in conf/model/, in
@@ -13,10 +13,12 @@ from collections.abc import Mapping
 
 from torch import nn
 
+from fmnist_lab.models.cnn import CNN
 from fmnist_lab.models.mlp import MLP
 
-# the second name is the one runs recorded before the networks moved to fmnist_lab.models
-NETWORKS: dict[str, type[nn.Module]] = {"fmnist_lab.models.MLP": MLP, "fmnist_lab.model.MLP": MLP}
+# fmnist_lab.model.MLP: the name runs recorded before the networks moved to fmnist_lab.models
+NETWORKS: dict[str, type[nn.Module]] = {"fmnist_lab.models.MLP": MLP, "fmnist_lab.models.CNN": CNN,
+                                        "fmnist_lab.model.MLP": MLP}
 
 
 class UnknownNetworkError(ValueError):
@@ -53,4 +55,4 @@ def build_net(description: Mapping, source: str) -> nn.Module:
 
 from fmnist_lab.models.classifier import Classifier  # noqa: E402 -- it builds its network with build_net
 
-__all__ = ["MLP", "NETWORKS", "Classifier", "UnknownNetworkError", "build_net", "register"]
+__all__ = ["CNN", "MLP", "NETWORKS", "Classifier", "UnknownNetworkError", "build_net", "register"]

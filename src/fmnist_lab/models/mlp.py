@@ -16,23 +16,29 @@ ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tan
 MAX_WIDTH, MAX_LAYERS, MAX_CLASSES = 16_384, 32, 1_000
 
 
+def whole(value, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def refuse_unless(*checks: tuple[bool, str, object, str]) -> None:
+    """ValueError naming the first argument whose check (ok, key, value, what is allowed) failed."""
+    for ok, key, value, allowed in checks:
+        if not ok:
+            raise ValueError(f"model.{key}={value!r} is not a network fmnist_lab builds: use {allowed}.")
+
+
 def check_arguments(hidden: Sequence[int], activation: str, dropout: float, in_features: int,
                     num_classes: int) -> None:
     """ValueError naming the argument unless every value is one the MLP can be built from."""
-    def whole(value, low: int, high: int) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-
     hidden = list(hidden) if isinstance(hidden, Sequence) and not isinstance(hidden, str) else None
-    for ok, key, value, allowed in (
+    refuse_unless(
         (hidden is not None and len(hidden) <= MAX_LAYERS and all(whole(h, 1, MAX_WIDTH) for h in hidden or []),
          "hidden", hidden, f"a list of at most {MAX_LAYERS} widths from 1 to {MAX_WIDTH}"),
         (activation in ACTIVATIONS, "activation", activation, f"one of {sorted(ACTIVATIONS)}"),
         (isinstance(dropout, int | float) and 0 <= dropout < 1, "dropout", dropout, "0 <= dropout < 1"),
         (whole(in_features, 1, MAX_WIDTH), "in_features", in_features, f"an integer from 1 to {MAX_WIDTH}"),
         (whole(num_classes, 1, MAX_CLASSES), "num_classes", num_classes, f"an integer from 1 to {MAX_CLASSES}"),
-    ):
-        if not ok:
-            raise ValueError(f"model.{key}={value!r} is not a network fmnist_lab builds: use {allowed}.")
+    )
 
 
 class MLP(nn.Module):
