@@ -52,7 +52,7 @@ def test_grid_sweep_keeps_every_job_and_fails_loudly_on_a_divergent_one(syntheti
 
     best = max((r for r in rows if r["status"] == "ok"), key=lambda r: float(r["objective"]))
     table = (sweep_dir / "summary.md").read_text()
-    assert re.search(rf"\| \*\*best\*\* \| {best['job']} \| {float(best['objective']):.4f} \|", table)
+    assert re.search(rf"\| \*\*best\*\* \| {best['job']} \| MLP \| {float(best['objective']):.4f} \|", table)
     assert "failed: FloatingPointError: training loss became nan" in table
     with Image.open(sweep_dir / "summary.png") as png:
         assert png.format == "PNG" and png.size[0] > 200
@@ -79,12 +79,16 @@ def test_joblib_runs_jobs_in_parallel_with_split_threads(synthetic_root, tmp_pat
 
 @pytest.mark.slow
 def test_submitit_local_launcher_runs_jobs_that_share_the_cores(synthetic_root, tmp_path):
-    """Two jobs at once as local processes: like joblib's, each takes its share of the CPU threads."""
+    """Two jobs at once as local processes: like joblib's, each takes its share of the CPU threads. The two
+    are the two networks, and the summary says which job trained which."""
     _, sweep_dir, rows = sweep(tmp_path, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
-                               "lr=0.1,0.05", f"data.root={synthetic_root}", *QUICK)
+                               "model=mlp,cnn", f"data.root={synthetic_root}", *QUICK)
     assert sorted(r["status"] for r in rows) == ["ok", "ok"] and (sweep_dir / ".submitit").is_dir()
     metrics = [json.loads((Path(r["run_dir"]) / "metrics.json").read_text()) for r in rows]
     assert all(m["test/acc"] > 0.5 and m["cpu_threads"] == max(1, (os.cpu_count() or 1) // 2) for m in metrics)
+    assert {r["overrides"].split()[0]: r["model"] for r in rows} == {"model=mlp": "MLP", "model=cnn": "CNN"}
+    table = (sweep_dir / "summary.md").read_text()
+    assert re.search(r"\| \d \| CNN \| [\d.]+ \|", table) and re.search(r"\| \d \| MLP \| [\d.]+ \|", table)
 
 
 @pytest.mark.slow

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import logging
+import re
 import sys
 import time
 import warnings
@@ -11,9 +13,14 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from fmnist_lab.artifacts import export_onnx, first_images, verify_onnx
+from fmnist_lab.data import CLASSES, DeviceLoader
+from fmnist_lab.report import predict_split, write_report
+
+log = logging.getLogger(__name__)
 
 
 class EpochLog(Callback):
@@ -181,3 +188,44 @@ class OnnxExport(Callback):
                 self.error = message
             else:
                 warnings.warn(message, stacklevel=1)
+
+
+class RunReport(Callback):
+    """After testing, score the tested network (the best checkpoint) on the whole test split: per-class accuracy,
+    macro F1 and expected calibration error go to `metrics` (and so metrics.json), confusion_matrix.png and
+    misclassified.png to `dirpath`; the loggers get the per-class accuracies as `test/acc_<class>` scalars, and
+    TensorBoard the two figures (its images tab). A logger that fails costs a warning: the files have it all."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = Path(dirpath)
+        self.metrics: dict = {}
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        data, step = trainer.datamodule, trainer.global_step
+        # Not data.test_dataloader(): under DDP that is this rank's shard, and the report is of every test image.
+        loader = DeviceLoader(lambda: data.tensors("test"), data.eval_batch_size)
+        logits, labels, images = predict_split(pl_module.net, loader, pl_module.device)
+
+        def warn(logger, err: Exception) -> None:
+            log.warning(f"{type(logger).__name__} could not record the test report ({type(err).__name__}: {err}); "
+                        f"metrics.json and the PNG files in {self.dirpath} have it.")
+
+        def show(name: str, figure) -> None:
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    try:
+                        logger.experiment.add_figure(f"test/{Path(name).stem}", figure, step, close=False)
+                    except Exception as err:
+                        warn(logger, err)
+
+        summary = write_report(self.dirpath, logits, labels, images, CLASSES, show)
+        self.metrics = {key: summary[key] for key in ("test/per_class_acc", "test/macro_f1", "test/ece")}
+        scalars = {f"test/acc_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}": acc  # "/" nests a tag; spaces are not allowed
+                   for name, acc in summary["test/per_class_acc"].items()}
+        for logger in trainer.loggers:
+            try:
+                logger.log_metrics(scalars, step=step)
+            except Exception as err:
+                warn(logger, err)

@@ -1,6 +1,10 @@
 """Re-test a trained model on the 10,000 official test images.
 
     python -m fmnist_lab.evaluate run=<run dir|.ckpt|.pth> [data.root=<folder>] [device=auto|cpu|gpu]
+                                  [report=false|true] [out=<folder>]
+
+report=true writes confusion_matrix.png and misclassified.png into `out` (default: the run directory, or the
+folder holding the model file).
 """
 
 from __future__ import annotations
@@ -15,13 +19,15 @@ from fmnist_lab.run_dir import RunDir
 USAGE = __doc__.split("\n\n")[1].strip()
 
 
-def evaluate(run: str | Path, root: str | None = None, device: str = "auto") -> dict[str, float]:
-    """Test accuracy and mean cross-entropy of the model at `run` on the official test split."""
+def evaluate(run: str | Path, root: str | None = None, device: str = "auto", out: Path | None = None) -> dict:
+    """The model at `run` on the official test split: `fmnist_lab.report.summarize`'s numbers (accuracy, mean
+    cross-entropy, per-class accuracy, macro F1, ECE, confusion matrix) and `count`. With `out`, the report's
+    two figures are written there too."""
     import torch
-    import torch.nn.functional as F
 
     from fmnist_lab.artifacts import load_model
-    from fmnist_lab.data import FashionMNISTDataModule
+    from fmnist_lab.data import CLASSES, FashionMNISTDataModule
+    from fmnist_lab.report import predict_split, summarize, write_report
 
     if device == "gpu" and not torch.cuda.is_available():
         raise UsageError("device=gpu, but no CUDA GPU is visible; use device=cpu or device=auto.")
@@ -29,36 +35,40 @@ def evaluate(run: str | Path, root: str | None = None, device: str = "auto") -> 
     net = load_model(run).to(target)
     data = FashionMNISTDataModule(root=root)
     data.setup("test")
-    correct, loss, count = 0, 0.0, 0
-    with torch.no_grad():
-        for x, y in data.test_dataloader():
-            logits = net(x.to(target))
-            loss += float(F.cross_entropy(logits, y.to(target), reduction="sum"))
-            correct += int((logits.argmax(1) == y.to(target)).sum())
-            count += len(y)
-    return {"test/acc": correct / count, "test/loss": loss / count, "count": count}
+    logits, labels, images = predict_split(net, data.test_dataloader(), target)
+    summary = write_report(out, logits, labels, images, CLASSES) if out else summarize(logits, labels, CLASSES)
+    return {**summary, "count": len(labels)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from fmnist_lab.data import DataError
+    from fmnist_lab.data import CLASSES, DataError
+    from fmnist_lab.report import CONFUSION_PNG, MISCLASSIFIED_PNG, per_class_table
 
     try:
+        # report is a string here: parse_args types a value like its default, and bool("false") is True
         options, extra, flags = parse_args(sys.argv[1:] if argv is None else argv,
-                                           {"run": None, "data.root": "", "device": "auto"}, USAGE)
+                                           {"run": None, "data.root": "", "device": "auto", "report": "false",
+                                            "out": ""}, USAGE)
         if extra or flags:
             raise UsageError(f"unexpected {' '.join([*extra, *flags])}.\nusage: {USAGE}")
+        if options["report"].lower() not in ("true", "false"):
+            raise UsageError(f"report={options['report']!r}: expected true or false.")
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     run = Path(options["run"])
+    out = None
+    if options["report"].lower() == "true":
+        out = Path(options["out"]) if options["out"] else run if run.is_dir() else run.parent
     try:
         recorded_root, recorded = None, {}
         if run.is_dir() and RunDir(run).config.is_file():  # test on the same files the run used
             recorded_root = RunDir(run).load_config().data.get("root")
         if run.is_dir():
             recorded = RunDir(run).read_metrics()
-        result = evaluate(run, options["data.root"] or recorded_root, options["device"])
-    except (FileNotFoundError, ValueError, DataError) as err:  # BadFileError and a refused network are ValueErrors
+        result = evaluate(run, options["data.root"] or recorded_root, options["device"], out)
+    # BadFileError and a refused network are ValueErrors; OSError: a missing file, or an `out` it cannot write
+    except (OSError, ValueError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"test/acc {result['test/acc']:.4f}  test/loss {result['test/loss']:.4f}  "
@@ -69,6 +79,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif recorded.get("test/acc") is not None:
         print(f"the run recorded test/acc {recorded['test/acc']:.4f} "
               f"(difference {100 * (result['test/acc'] - recorded['test/acc']):+.2f} points)")
+    print(f"test/macro_f1 {result['test/macro_f1']:.4f}  test/ece {result['test/ece']:.4f}")
+    print(per_class_table(result, CLASSES))
+    if out:
+        print(f"report: {out / CONFUSION_PNG}, {out / MISCLASSIFIED_PNG}")
     return 0
 
 

@@ -29,8 +29,9 @@ from omegaconf import DictConfig
 from fmnist_lab.run_dir import RunDir, atomic_write, is_rank_zero
 
 log = logging.getLogger(__name__)
+# new columns go last: a sweep folder from an earlier version is continued with its own header
 COLUMNS = ["job", "status", "objective", "val/acc_best", "test/acc", "test/loss", "epochs", "train_seconds",
-           "overrides", "error", "run_dir"]
+           "overrides", "error", "run_dir", "model"]
 
 
 def is_multirun() -> bool:
@@ -52,7 +53,12 @@ def job_row(config: DictConfig, job_return: JobReturn, metric: str) -> dict[str,
     return {**row, "job": config.hydra.job.num, "status": status,
             "objective": metrics.get(metric) if status == "ok" else None,
             "overrides": " ".join(config.hydra.overrides.task), "error": (error or "").split("\n")[0][:300],
-            "run_dir": str(run.path)}
+            "run_dir": str(run.path), "model": model_name(config)}
+
+
+def model_name(config: DictConfig) -> str:
+    """The network's class name (MLP, CNN, a registered one), from the job's config."""
+    return str(config.model.get("_target_", "")).rsplit(".", 1)[-1]
 
 
 def append_row(path: Path, row: dict[str, Any]) -> None:
@@ -92,13 +98,14 @@ def markdown(rows: list[dict[str, str]], metric: str) -> str:
         except ValueError:
             return value or "-"
 
-    lines = [f"| | job | {metric} | test/acc | test/loss | epochs | train s | overrides | status |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| | job | model | {metric} | test/acc | test/loss | epochs | train s | overrides | status |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rows):
         best = "**best**" if i == 0 and r["status"] == "ok" else ""
         status = "ok" if r["status"] == "ok" else f"{r['status']}: {r['error']}"
-        lines.append(f"| {best} | {r['job']} | {fmt(r['objective'])} | {fmt(r['test/acc'])} | {fmt(r['test/loss'])} "
-                     f"| {r['epochs'] or '-'} | {fmt(r['train_seconds'], 1)} | `{r['overrides']}` | {status} |")
+        lines.append(f"| {best} | {r['job']} | {r.get('model') or '-'} | {fmt(r['objective'])} | {fmt(r['test/acc'])} "
+                     f"| {fmt(r['test/loss'])} | {r['epochs'] or '-'} | {fmt(r['train_seconds'], 1)} "
+                     f"| `{r['overrides']}` | {status} |")
     return "\n".join(lines) + "\n"
 
 
