@@ -14,7 +14,7 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from fmnist_lab.gpu_step import optimizer_options
-from fmnist_lab.models import build_net
+from fmnist_lab.models.registry import build_net
 
 
 class Classifier(pl.LightningModule):

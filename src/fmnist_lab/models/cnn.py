@@ -10,11 +10,13 @@ import torch
 from torch import nn
 
 from fmnist_lab.models.mlp import MAX_CLASSES, MAX_WIDTH, PIXEL_MEAN, PIXEL_STD, refuse_unless, whole
+from fmnist_lab.models.registry import network
 
 # 28 -> 14 -> 7 -> 3 -> 1: a fifth pooling would leave nothing to pool.
 MAX_BLOCKS, MAX_CONVS, MAX_CHANNELS = 4, 8, 2048
 
 
+@network
 class CNN(nn.Module):
     """`channels[i]` is the width of block i; each block is `convs_per_block` x (3x3 conv, batch norm, ReLU),
     then 2x2 max pooling and `dropout` (channel-wise). The head flattens, then Linear(`hidden`), ReLU, dropout,

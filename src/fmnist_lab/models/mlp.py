@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from fmnist_lab.models.registry import network
+
 # Mean and std of the FashionMNIST training pixels in [0, 1]; applied inside the model so every checkpoint
 # and export takes raw pixels and a client needs no knowledge of them.
 PIXEL_MEAN, PIXEL_STD = 0.2860, 0.3530
@@ -41,6 +43,7 @@ def check_arguments(hidden: Sequence[int], activation: str, dropout: float, in_f
     )
 
 
+@network
 class MLP(nn.Module):
     """784 -> hidden... -> num_classes, as in the PyTorch quickstart (which also ends with a ReLU:
     `final_relu=True` reproduces it; it clips negative logits, so it is off by default)."""
