@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 
 import lightning.pytorch as pl
 import pytest
@@ -118,3 +119,39 @@ def test_scheduler_and_frozen_parameters_reach_the_optimizer():
     assert isinstance(config["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.StepLR)
     params = [p for group in config["optimizer"].param_groups for p in group["params"]]
     assert len(params) == 3 and all(p is not model.net.layers[0].weight for p in params)
+
+
+def test_a_network_file_registers_itself_as_the_readme_shows(tmp_path):
+    """README's "Adding a network": its file, dropped into models/ (of a copy of the package), is all the code a
+    new network needs; configs and model.json files can then name it, and its bounds are enforced."""
+    import re
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import fmnist_lab
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (source,) = re.findall(r"```python\n# src/fmnist_lab/models/wide.py\n(.*?)```", readme, re.S)
+    (yaml,) = re.findall(r"```yaml\n# conf/model/wide.yaml\n(.*?)```", readme, re.S)
+    package = tmp_path / "fmnist_lab"
+    shutil.copytree(Path(fmnist_lab.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    (package / "models" / "wide.py").write_text(source)
+    (tmp_path / "wide.yaml").write_text(yaml)
+    check = """
+import torch
+from omegaconf import OmegaConf
+from fmnist_lab.models import UnknownNetworkError, build_net
+description = OmegaConf.to_container(OmegaConf.load("wide.yaml"))
+net = build_net(description, "model")
+assert net(torch.rand(2, 1, 28, 28)).shape == (2, 10) and type(net).__name__ == "Wide", net
+try:
+    build_net({**description, "width": 0}, "model")
+except UnknownNetworkError as err:
+    print(err)
+"""
+    result = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "model.width=0 is not a network fmnist_lab builds" in result.stdout
