@@ -52,6 +52,12 @@ EFFECTS = {
     ("experiment", "seed_tutorial"): lambda cfg, dm, model, trainer: (
         type(optimizer_and_scheduler(model)[0]) is torch.optim.SGD and optimizer_and_scheduler(model)[1] is None
         and optimizer_and_scheduler(model)[0].defaults["lr"] == 1e-3 and dm.batch_size == 64),
+    ("experiment", "cnn"): lambda cfg, dm, model, trainer: (
+        isinstance(model.net, CNN) and trainer.max_epochs == 10 and dm.augment.flip == 0.5
+        and isinstance(optimizer_and_scheduler(model)[1], torch.optim.lr_scheduler.CosineAnnealingLR)),
+    ("experiment", "cnn_best"): lambda cfg, dm, model, trainer: (
+        isinstance(model.net, CNN) and trainer.max_epochs == 30 and dm.augment.crop_padding == 2
+        and len(model.net.features[0]) == 2 * 3 + 1),  # two (conv, norm, ReLU) and the pooling
     ("hparams_search", "optuna"): lambda cfg, dm, model, trainer: cfg.optimized_metric == "val/acc_best",
     ("logger", "csv"): lambda cfg, dm, model, trainer: [type(lg) for lg in trainer.loggers] == [CSVLogger],
     ("logger", "none"): lambda cfg, dm, model, trainer: trainer.loggers == [],

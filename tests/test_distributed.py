@@ -19,6 +19,7 @@ from conftest import compose_cfg, only_run_dir, run_cli
 from fmnist_lab.cli import config_dir
 from fmnist_lab.config import ConfigError, validate
 from fmnist_lab.data import DeviceLoader
+from fmnist_lab.evaluate import evaluate
 from test_resume import start_and_signal, train_loss_steps
 
 
@@ -74,11 +75,16 @@ def test_ddp_sweep_under_torchrun_trains_like_one_process(real_run, tmp_path):
 @pytest.mark.slow
 def test_ddp_run_started_by_lightning_writes_its_files_once(synthetic_root, tmp_path):
     """A single run with trainer=ddp: Lightning starts rank 1 by running the same command in the same run
-    directory; the config is saved once, and rank 1 has its own log."""
+    directory; the config is saved once, and rank 1 has its own log. The network is the CNN (batch norm under
+    DDP), and the report covers the whole test split although each rank tested half of it."""
     run_cli(tmp_path, "trainer=ddp", "device=cpu", f"data.root={synthetic_root}", "epochs=1", "logger=none",
-            "trainer.limit_train_batches=30", "trainer.limit_val_batches=2", "~callbacks.onnx_export")
+            "model=cnn", "model.channels=[8,16]", "model.hidden=32", "trainer.limit_train_batches=30",
+            "trainer.limit_val_batches=2", "~callbacks.onnx_export")
     run = only_run_dir(tmp_path)
-    assert json.loads((run / "metrics.json").read_text())["test/acc"] > 0.5
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test/acc"] > 0.5 and metrics["test/macro_f1"] > 0.5
+    # evaluate scores all 10,000 test images with the saved weights: the run's report did the same
+    assert evaluate(run, str(synthetic_root), "cpu")["test/per_class_acc"] == metrics["test/per_class_acc"]
     assert sorted(p.name for p in (run / ".hydra").iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
     assert [p.name for p in run.glob("*.log") if p.name != "fmnist_lab.log"] == ["train_ddp_process_1.log"]
 
@@ -101,7 +107,8 @@ def test_requeued_sweep_job_continues_from_last_ckpt_in_its_directory(synthetic_
     directory, although val/acc stopped improving after epoch 1 (last.ckpt follows every epoch, best.ckpt
     only the best), and log each step once."""
     sweep_dir = tmp_path / "sweep"
-    args = ["-m", f"data.root={synthetic_root}", "device=cpu", "~callbacks.onnx_export", "trainer.log_every_n_steps=20",
+    args = ["-m", f"data.root={synthetic_root}", "device=cpu", "~callbacks.onnx_export", "~callbacks.report",
+            "trainer.log_every_n_steps=20",
             "trainer.limit_train_batches=200", "trainer.limit_val_batches=2", f"hydra.sweep.dir={sweep_dir}"]
     killed = start_and_signal(tmp_path, signal.SIGKILL, *args, after_epoch=2)
     assert killed.returncode == -signal.SIGKILL and not (sweep_dir / "0" / "metrics.json").exists()

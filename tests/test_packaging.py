@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -32,4 +33,5 @@ def test_wheel_ships_the_configs_and_runs_from_anywhere(tmp_path):
     assert where == [str(target / "fmnist_lab" / "cli.py"), str(target / "fmnist_lab" / "conf")]
     result = subprocess.run([sys.executable, "-m", "fmnist_lab", "--help"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and "experiment: seed_tutorial" in result.stdout, result.stderr
+    assert result.returncode == 0 and "model: cnn, mlp" in result.stdout, result.stderr
+    assert re.search(r"experiment: cnn, cnn_best, .*seed_tutorial", result.stdout)

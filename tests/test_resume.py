@@ -23,8 +23,9 @@ from fmnist_lab.evaluate import main as evaluate_main
 from fmnist_lab.run_dir import ResumeError, RunDir, atomic_write, find_run
 
 # 200 batches of 128 a epoch: a second or so, long enough to stop in the middle of epoch 2
-QUICK = ["device=cpu", "~callbacks.onnx_export", "trainer.log_every_n_steps=20", "trainer.limit_train_batches=200",
-         "trainer.limit_val_batches=2"]
+# without the ONNX export and the test report, which these tests are not about
+QUICK = ["device=cpu", "~callbacks.onnx_export", "~callbacks.report", "trainer.log_every_n_steps=20",
+         "trainer.limit_train_batches=200", "trainer.limit_val_batches=2"]
 
 
 def start_and_signal(cwd: Path, sig: int, *overrides: str, after_epoch: int = 1) -> subprocess.CompletedProcess:
