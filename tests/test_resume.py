@@ -30,8 +30,11 @@ QUICK = ["device=cpu", "~callbacks.onnx_export", "~callbacks.report", "trainer.l
 
 def start_and_signal(cwd: Path, sig: int, *overrides: str, after_epoch: int = 1) -> subprocess.CompletedProcess:
     """Start a 3-epoch run, send `sig` a little into the epoch after `after_epoch`, and wait for it to end."""
+    # A run started from a terminal: Ctrl-C raises KeyboardInterrupt (a shell without job control starts its
+    # background commands with SIGINT ignored, and a Python started that way never sees a Ctrl-C).
     process = subprocess.Popen([sys.executable, "-m", "fmnist_lab", *overrides, "epochs=3"], cwd=cwd,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in process.stdout:
         if line.startswith(f"epoch {after_epoch}/3"):  # EpochLog's line: that epoch is done, the next has begun
             time.sleep(0.3)
