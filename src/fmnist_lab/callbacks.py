@@ -11,14 +11,16 @@ import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from PIL import Image
 
 from fmnist_lab.artifacts import export_onnx, first_images, verify_onnx
 from fmnist_lab.data import CLASSES, DeviceLoader
-from fmnist_lab.report import predict_split, write_report
+from fmnist_lab.report import CONFUSION_PNG, MISCLASSIFIED_PNG, predict_split, write_report
 
 log = logging.getLogger(__name__)
 
@@ -212,15 +214,16 @@ class RunReport(Callback):
             log.warning(f"{type(logger).__name__} could not record the test report ({type(err).__name__}: {err}); "
                         f"metrics.json and the PNG files in {self.dirpath} have it.")
 
-        def show(name: str, figure) -> None:
-            for logger in trainer.loggers:
-                if isinstance(logger, TensorBoardLogger):
-                    try:
-                        logger.experiment.add_figure(f"test/{Path(name).stem}", figure, step, close=False)
-                    except Exception as err:
-                        warn(logger, err)
-
-        summary = write_report(self.dirpath, logits, labels, images, CLASSES, show)
+        summary = write_report(self.dirpath, logits, labels, images, CLASSES)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                try:  # the PNG files' pixels: drawing the figures again would double the cost
+                    for name in (CONFUSION_PNG, MISCLASSIFIED_PNG):
+                        with Image.open(self.dirpath / name) as png:
+                            pixels = np.asarray(png.convert("RGB"))
+                        logger.experiment.add_image(f"test/{Path(name).stem}", pixels, step, dataformats="HWC")
+                except Exception as err:
+                    warn(logger, err)
         self.metrics = {key: summary[key] for key in ("test/per_class_acc", "test/macro_f1", "test/ece")}
         scalars = {f"test/acc_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}": acc  # "/" nests a tag; spaces are not allowed
                    for name, acc in summary["test/per_class_acc"].items()}

@@ -3,7 +3,7 @@ images it is most confidently wrong about. Shared by the run's RunReport callbac
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -136,10 +136,8 @@ def misclassified_figure(images: torch.Tensor, labels: torch.Tensor, logits: tor
 
 
 def write_report(folder: Path, logits: torch.Tensor, labels: torch.Tensor, images: torch.Tensor,
-                 classes: Sequence[str], show: Callable[[str, object], None] | None = None) -> dict:
-    """confusion_matrix.png and misclassified.png into `folder`; returns `summarize`'s numbers. `show(name,
-    figure)` is called with each figure before it is closed (the run gives them to TensorBoard that way, so
-    each is drawn once)."""
+                 classes: Sequence[str]) -> dict:
+    """confusion_matrix.png and misclassified.png into `folder`; returns `summarize`'s numbers."""
     plt = pyplot()
     summary = summarize(logits, labels, classes)
     folder.mkdir(parents=True, exist_ok=True)
@@ -148,8 +146,6 @@ def write_report(folder: Path, logits: torch.Tensor, labels: torch.Tensor, image
     try:
         for name, fig in figures.items():
             atomic_write(folder / name, lambda tmp, fig=fig: fig.savefig(tmp, format="png", dpi=100))
-            if show:
-                show(name, fig)
     finally:
         for fig in figures.values():
             plt.close(fig)
