@@ -36,6 +36,13 @@ def test_mlp_options():
     assert (net.eval()(torch.rand(4, 1, 28, 28)) >= 0).all()
     with pytest.raises(ValueError, match=r"model.activation='swish' is not a network fmnist_lab builds"):
         MLP(activation="swish")
+    batch = MLP(hidden=[32, 16], norm="batch")
+    assert [type(m).__name__ for m in batch.layers] == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d",
+                                                        "ReLU", "Linear"]
+    assert sum(isinstance(m, torch.nn.LayerNorm) for m in MLP(hidden=[32, 16], norm="layer").layers) == 2
+    assert list(MLP().state_dict()) == [f"layers.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")]
+    with pytest.raises(ValueError, match=r"model.norm='group' is not a network fmnist_lab builds: use one of"):
+        MLP(norm="group")
 
 
 def quick_trainer(tmp_path, **kwargs) -> pl.Trainer:

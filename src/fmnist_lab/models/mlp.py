@@ -13,6 +13,7 @@ from fmnist_lab.models.registry import network
 # and export takes raw pixels and a client needs no knowledge of them.
 PIXEL_MEAN, PIXEL_STD = 0.2860, 0.3530
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "leaky_relu": nn.LeakyReLU}
+NORMS = {"none": None, "batch": nn.BatchNorm1d, "layer": nn.LayerNorm}
 # Far above anything that helps on 28x28 images, far below what exhausts a machine: a description asking for
 # more (a model.json from elsewhere) is refused before anything is allocated.
 MAX_WIDTH, MAX_LAYERS, MAX_CLASSES = 16_384, 32, 1_000
@@ -30,13 +31,14 @@ def refuse_unless(*checks: tuple[bool, str, object, str]) -> None:
 
 
 def check_arguments(hidden: Sequence[int], activation: str, dropout: float, in_features: int,
-                    num_classes: int) -> None:
+                    num_classes: int, norm: str = "none") -> None:
     """ValueError naming the argument unless every value is one the MLP can be built from."""
     hidden = list(hidden) if isinstance(hidden, Sequence) and not isinstance(hidden, str) else None
     refuse_unless(
         (hidden is not None and len(hidden) <= MAX_LAYERS and all(whole(h, 1, MAX_WIDTH) for h in hidden or []),
          "hidden", hidden, f"a list of at most {MAX_LAYERS} widths from 1 to {MAX_WIDTH}"),
         (activation in ACTIVATIONS, "activation", activation, f"one of {sorted(ACTIVATIONS)}"),
+        (norm in NORMS, "norm", norm, f"one of {sorted(NORMS)}"),
         (isinstance(dropout, int | float) and 0 <= dropout < 1, "dropout", dropout, "0 <= dropout < 1"),
         (whole(in_features, 1, MAX_WIDTH), "in_features", in_features, f"an integer from 1 to {MAX_WIDTH}"),
         (whole(num_classes, 1, MAX_CLASSES), "num_classes", num_classes, f"an integer from 1 to {MAX_CLASSES}"),
@@ -46,18 +48,21 @@ def check_arguments(hidden: Sequence[int], activation: str, dropout: float, in_f
 @network
 class MLP(nn.Module):
     """784 -> hidden... -> num_classes, as in the PyTorch quickstart (which also ends with a ReLU:
-    `final_relu=True` reproduces it; it clips negative logits, so it is off by default)."""
+    `final_relu=True` reproduces it; it clips negative logits, so it is off by default). `norm` puts batch or
+    layer norm between each hidden Linear and its activation."""
 
     def __init__(self, hidden: Sequence[int] = (512, 512), activation: str = "relu", dropout: float = 0.0,
                  final_relu: bool = False, normalize: bool = True, in_features: int = 784,
-                 num_classes: int = 10) -> None:
+                 num_classes: int = 10, norm: str = "none") -> None:
         super().__init__()
-        check_arguments(hidden, activation, dropout, in_features, num_classes)
+        check_arguments(hidden, activation, dropout, in_features, num_classes, norm)
         self.normalize = normalize
         self.flatten = nn.Flatten()
         layers: list[nn.Module] = []
         for width in hidden:
-            layers += [nn.Linear(in_features, width), ACTIVATIONS[activation]()]
+            layers.append(nn.Linear(in_features, width))
+            layers += [NORMS[norm](width)] if NORMS[norm] else []
+            layers.append(ACTIVATIONS[activation]())
             layers += [nn.Dropout(dropout)] if dropout else []
             in_features = width
         layers.append(nn.Linear(in_features, num_classes))
