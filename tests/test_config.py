@@ -26,7 +26,8 @@ def test_every_group_has_options():
             "debug"} <= set(GROUPS)
     expected = {"optimizer": ["sgd", "adam", "adamw"], "scheduler": ["none", "cosine", "step"],
                 "logger": ["tensorboard", "csv", "none"], "callbacks": ["default", "none"],
-                "debug": ["fast_dev_run", "overfit", "limit"], "experiment": ["seed_tutorial"]}
+                "debug": ["fast_dev_run", "overfit", "limit"],
+                "experiment": ["seed_tutorial", "mlp_best", "cnn", "cnn_best"], "model": ["mlp", "cnn"]}
     assert {(g, o) for g, options in expected.items() for o in options} <= set(OPTIONS)
 
 
@@ -58,6 +59,9 @@ EFFECTS = {
     ("experiment", "cnn_best"): lambda cfg, dm, model, trainer: (
         isinstance(model.net, CNN) and trainer.max_epochs == 30 and dm.augment.crop_padding == 2
         and len(model.net.features[0]) == 2 * 3 + 1),  # two (conv, norm, ReLU) and the pooling
+    ("experiment", "mlp_best"): lambda cfg, dm, model, trainer: (
+        type(optimizer_and_scheduler(model)[0]) is torch.optim.AdamW and trainer.max_epochs == 40
+        and sum(isinstance(m, torch.nn.BatchNorm1d) for m in model.net.layers) == 2 and dm.augment.flip == 0.5),
     ("hparams_search", "optuna"): lambda cfg, dm, model, trainer: cfg.optimized_metric == "val/acc_best",
     ("logger", "csv"): lambda cfg, dm, model, trainer: [type(lg) for lg in trainer.loggers] == [CSVLogger],
     ("logger", "none"): lambda cfg, dm, model, trainer: trainer.loggers == [],
