@@ -164,7 +164,7 @@ def validate(cfg: DictConfig, sweep_launcher: str | None = None) -> None:
     check(data.backend in ("device", "dataloader"), "data.backend", data.backend,
           "Use data.backend=device (whole splits on the training device) or data.backend=dataloader.")
     augment = data.get("augment") or {}
-    check(isinstance(augment, DictConfig) and set(augment) <= {"crop_padding", "flip", "erase"}, "data.augment",
+    check(isinstance(augment, dict | DictConfig) and set(augment) <= {"crop_padding", "flip", "erase"}, "data.augment",
           augment, "It takes crop_padding, flip and erase (e.g. data.augment.flip=0.5); torchvision transforms "
           "for the dataloader backend go in data.transforms.")
     from fmnist_lab.data.augment import Augment  # here: config checks stay importable without torch

@@ -125,7 +125,7 @@ class FashionMNISTDataModule(pl.LightningDataModule):
                  pin_memory: bool = False, eval_batch_size: int = 1000, drop_last: bool = False,
                  augment: Mapping | None = None, transforms: Sequence | None = None) -> None:
         super().__init__()
-        if augment is not None and not isinstance(augment, Mapping):
+        if augment and not isinstance(augment, Mapping):  # an empty list: a run saved before augment was a mapping
             raise ValueError(f"data.augment={augment!r} is not valid: it takes crop_padding, flip and erase (e.g. "
                              "data.augment.flip=0.5); torchvision transforms for the dataloader backend go in "
                              "data.transforms.")
