@@ -332,6 +332,7 @@ def test_predict_names_each_bad_model_file_and_why(tiny_trained, tmp_path, capsy
     cases = {
         "random.ckpt": (os.urandom(4096), "is not a model file"),
         "empty.ckpt": (b"", "is not a model file"),
+        "junk.pth": (b"\x80\x02\x86.", "is not a model file"),  # a pickle that fails with IndexError
         "random.onnx": (os.urandom(4096), "is not an ONNX model ONNX Runtime can load"),
         "truncated.onnx": (good_onnx[: len(good_onnx) // 2], "is not an ONNX model ONNX Runtime can load"),
     }

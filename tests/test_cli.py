@@ -55,11 +55,12 @@ def test_one_epoch_on_real_data_writes_the_whole_contract(real_run):
 def test_the_cnn_recipe_learns_the_real_data_in_a_short_epoch(real_root, tmp_path):
     """experiment=cnn as shipped, cut to one epoch of 100 batches: the CNN, its augmentation and the recipe's
     optimizer learn the real data (chance is 10%; the full 10 epochs reach about 93%)."""
-    run_cli(tmp_path, "experiment=cnn", "epochs=1", "trainer.limit_train_batches=100", "device=cpu", "logger=none")
+    run_cli(tmp_path, "experiment=cnn", "epochs=1", "trainer.limit_train_batches=100", "device=cpu", "logger=none",
+            "~callbacks.onnx_export")  # the CNN's export is tested on synthetic data
     run = only_run_dir(tmp_path)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test/acc"] > 0.8 and metrics["val/acc_best"] > 0.8 and metrics["global_step"] == 100
-    assert metrics["params"]["total"] == 653_658 and metrics["onnx"]["ok"]
+    assert metrics["params"]["total"] == 653_658
     assert json.loads((run / "model.json").read_text())["net"]["_target_"] == "fmnist_lab.models.CNN"
 
 
