@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
@@ -42,6 +43,12 @@ def checkpoints(trainer) -> list[str]:
     return sorted(c.filename for c in trainer.callbacks if isinstance(c, ModelCheckpoint))
 
 
+def sweeper(*overrides: str) -> str:
+    """The `_target_` of the Hydra sweeper these overrides select (the run's config does not hold it)."""
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=True).hydra.sweeper._target_
+
+
 # What each option must change in the built objects: an option that composes but does nothing fails here.
 EFFECTS = {
     ("callbacks", "default"): lambda cfg, dm, model, trainer: checkpoints(trainer) == ["best", "last"],
@@ -62,7 +69,8 @@ EFFECTS = {
     ("experiment", "mlp_best"): lambda cfg, dm, model, trainer: (
         type(optimizer_and_scheduler(model)[0]) is torch.optim.AdamW and trainer.max_epochs == 40
         and sum(isinstance(m, torch.nn.BatchNorm1d) for m in model.net.layers) == 2 and dm.augment.flip == 0.5),
-    ("hparams_search", "optuna"): lambda cfg, dm, model, trainer: cfg.optimized_metric == "val/acc_best",
+    ("hparams_search", "optuna"): lambda cfg, dm, model, trainer: sweeper("hparams_search=optuna") == (
+        "hydra_plugins.fmnist_lab_optuna.OptunaSweeper"),
     ("logger", "csv"): lambda cfg, dm, model, trainer: [type(lg) for lg in trainer.loggers] == [CSVLogger],
     ("logger", "none"): lambda cfg, dm, model, trainer: trainer.loggers == [],
     ("logger", "tensorboard"): lambda cfg, dm, model, trainer: [type(lg) for lg in trainer.loggers] == [
