@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
 
 from conftest import only_run_dir, run_cli
 from fmnist_lab.data import CLASSES
@@ -49,6 +52,46 @@ def test_one_epoch_on_real_data_writes_the_whole_contract(real_run):
     assert list(per_class) == list(CLASSES) and per_class["Trouser"] > 0.9 > per_class["Shirt"]
     assert 0.75 < metrics["test/macro_f1"] < 1 and 0 < metrics["test/ece"] < 0.1
     assert (run / "confusion_matrix.png").is_file() and (run / "misclassified.png").is_file()
+
+    # piped, the console shows each epoch's line once and no bar; the log file keeps those lines and the result
+    (epoch,) = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
+    (final,) = [line for line in result.stdout.splitlines() if line.startswith("test/acc ")]
+    assert re.fullmatch(r"epoch 1/1: val/acc 0\.\d{4} val/loss \d\.\d{4} \(\d+\.\d s\)", epoch)
+    assert "━" not in result.stdout + result.stderr and (result.stdout + result.stderr).count(epoch) == 1
+    log = (run / "fmnist_lab.log").read_text().splitlines()
+    for line in (epoch, final):
+        assert sum(entry.endswith(f"[fmnist_lab.results][INFO] - {line}") for entry in log) == 1, log
+    # the code that ran: this checkout's commit, and whether it had uncommitted changes then
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True).stdout
+
+    assert metrics["git"] == {"commit": git("rev-parse", "HEAD").strip(),
+                              "dirty": bool(git("status", "--porcelain", "--untracked-files=no").strip())}
+    # TensorBoard's HPARAMS tab: the knobs a user sweeps, not the config's paths and _target_ names
+    content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    hparams = set(plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams)
+    assert {"lr", "batch_size", "epochs", "seed", "model", "model/hidden", "optimizer", "optimizer/momentum",
+            "scheduler", "data/augment/flip", "trainer/precision"} <= hparams
+    assert len(hparams) < 40 and not [h for h in hparams if "_target_" in h or "dir" in h or "root" in h]
+
+
+@pytest.mark.slow
+def test_lr_find_suggests_a_rate_and_saves_its_plot(real_root, tmp_path):
+    result = run_cli(tmp_path, "tune=lr_find", "device=cpu", "optimizer=adam")
+    run = only_run_dir(tmp_path)
+    found = json.loads((run / "lr_find.json").read_text())
+    metrics = json.loads((run / "metrics.json").read_text())
+    # 100 rates, unless the loss blew up first (Adam does towards lr=1)
+    assert 20 < len(found["lr"]) == len(found["loss"]) == metrics["steps"] <= 100
+    assert 1e-6 <= found["suggestion"] == metrics["lr_suggestion"] <= 1.0 and found["lr"][0] == pytest.approx(1e-6)
+    rate = f"{found['suggestion']:.3g}"
+    assert f"suggested lr: {rate} " in result.stdout
+    assert f"train with it: python -m fmnist_lab lr={rate} device=cpu optimizer=adam" in result.stdout
+    with Image.open(run / "lr_find.png") as png:
+        assert png.format == "PNG" and png.size[0] > 300
+    assert not list(run.glob("checkpoints/*")) and not list(run.glob(".lr_find*"))  # nothing trained is kept
+    listing = run_cli(tmp_path, module="fmnist_lab.runs").stdout
+    assert f"lr_find: {run.relative_to(tmp_path)}: suggested lr {rate}" in listing
 
 
 @pytest.mark.slow
@@ -126,3 +169,26 @@ def test_runs_started_together_in_one_folder_each_get_their_own_directory(synthe
     for run in runs:
         seed = json.loads((run / "metrics.json").read_text())["seed"]
         assert f"seed={seed}" in (run / ".hydra" / "overrides.yaml").read_text()
+
+
+@pytest.mark.parametrize(("module", "arguments"), [
+    ("fmnist_lab.evaluate", ["run=", "data.root=", "device=", "report=", "out="]),
+    ("fmnist_lab.predict", ["model=", "top_k=", "--json"]),
+])
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_evaluate_and_predict_answer_help_without_loading_torch(module, arguments, flag, tmp_path):
+    result = run_cli(tmp_path, flag, module=module)
+    assert f"\nusage: python -m {module} " in result.stdout and not result.stderr
+    described = {line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ")}
+    assert set(arguments) <= described  # each argument on a line of its own, with what it means
+    # help is at hand where torch is slow to load or (predict with an ONNX model) not installed at all
+    code = f"import sys; from {module} import main; main([{flag!r}]); assert 'torch' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60).returncode == 0
+
+
+@pytest.mark.parametrize(("module", "missing"), [("fmnist_lab.evaluate", "run=..."),
+                                                  ("fmnist_lab.predict", "model=...")])
+def test_evaluate_and_predict_without_their_model_say_so_and_fail(module, missing, tmp_path):
+    result = run_cli(tmp_path, module=module, check=False)
+    assert result.returncode == 2 and not result.stdout
+    assert result.stderr.startswith(f"error: missing {missing}") and f"usage: python -m {module} " in result.stderr

@@ -16,6 +16,7 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from conftest import compose_cfg
 from fmnist_lab.cli import config_dir
 from fmnist_lab.models import CNN, MLP
+from fmnist_lab.tracking import MLflowLogger
 from fmnist_lab.train import build
 
 GROUPS = sorted(p.name for p in Path(config_dir()).iterdir() if p.is_dir())
@@ -26,7 +27,7 @@ def test_every_group_has_options():
     assert {"data", "model", "optimizer", "scheduler", "trainer", "logger", "callbacks", "experiment",
             "debug"} <= set(GROUPS)
     expected = {"optimizer": ["sgd", "adam", "adamw"], "scheduler": ["none", "cosine", "step"],
-                "logger": ["tensorboard", "csv", "none"], "callbacks": ["default", "none"],
+                "logger": ["tensorboard", "csv", "mlflow", "none"], "callbacks": ["default", "none"],
                 "debug": ["fast_dev_run", "overfit", "limit"],
                 "experiment": ["seed_tutorial", "mlp_best", "cnn", "cnn_best"], "model": ["mlp", "cnn"]}
     assert {(g, o) for g, options in expected.items() for o in options} <= set(OPTIONS)
@@ -72,6 +73,8 @@ EFFECTS = {
     ("hparams_search", "optuna"): lambda cfg, dm, model, trainer: sweeper("hparams_search=optuna") == (
         "hydra_plugins.fmnist_lab_optuna.OptunaSweeper"),
     ("logger", "csv"): lambda cfg, dm, model, trainer: [type(lg) for lg in trainer.loggers] == [CSVLogger],
+    ("logger", "mlflow"): lambda cfg, dm, model, trainer: [type(lg) for lg in trainer.loggers] == [MLflowLogger] and (
+        Path(cfg.paths.log_dir) / "mlflow.db").is_file() and trainer.loggers[0].run_id,
     ("logger", "none"): lambda cfg, dm, model, trainer: trainer.loggers == [],
     ("logger", "tensorboard"): lambda cfg, dm, model, trainer: [type(lg) for lg in trainer.loggers] == [
         TensorBoardLogger],
@@ -88,6 +91,8 @@ EFFECTS = {
     ("scheduler", "none"): lambda cfg, dm, model, trainer: optimizer_and_scheduler(model)[1] is None,
     ("scheduler", "step"): lambda cfg, dm, model, trainer: isinstance(
         optimizer_and_scheduler(model)[1], torch.optim.lr_scheduler.StepLR),
+    ("tune", "lr_find"): lambda cfg, dm, model, trainer: (cfg.tune.min_lr, cfg.tune.max_lr, cfg.tune.num_training) == (
+        1e-6, 1.0, 100) and model.lr == cfg.lr,
     ("trainer", "ddp"): lambda cfg, dm, model, trainer: isinstance(trainer.strategy, DDPStrategy),
     ("trainer", "default"): lambda cfg, dm, model, trainer: type(trainer.strategy) is SingleDeviceStrategy,
 }
@@ -95,7 +100,7 @@ EFFECTS = {
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_option_composes_builds_and_takes_effect(group, option, tmp_path):
-    cfg = compose_cfg(f"{group}={option}", "device=cpu", output_dir=tmp_path)
+    cfg = compose_cfg(f"{group}={option}", "device=cpu", f"paths.log_dir={tmp_path}", output_dir=tmp_path)
     datamodule, model, trainer = build(cfg)
     assert type(datamodule).__name__ == "FashionMNISTDataModule"
     assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)

@@ -8,6 +8,7 @@ import os
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.tuner import Tuner
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import compose_cfg
@@ -116,6 +117,15 @@ def test_non_finite_loss_stops_training_with_a_hint(synthetic_root, tmp_path):
     with pytest.raises(FloatingPointError, match=r"training loss became nan by step \d+.*smaller `lr`"):
         quick_trainer(tmp_path, log_every_n_steps=5).fit(model, datamodule=dm)
     assert model.global_step <= 10  # stopped at the first read-back, not after the epoch
+
+
+def test_lightnings_lr_finder_sets_the_rate_the_optimizer_is_built_with(synthetic_root, tmp_path):
+    """Tuner.lr_find and the LearningRateFinder callback find `lr` on the model and train with what they set."""
+    dm = FashionMNISTDataModule(root=str(synthetic_root), batch_size=64, seed=0)
+    model = Classifier(NET, SGD)
+    finder = Tuner(quick_trainer(tmp_path)).lr_find(model, datamodule=dm, num_training=30)
+    assert finder.suggestion() is not None and model.lr == finder.suggestion() != SGD["lr"]
+    assert model.configure_optimizers().defaults["lr"] == model.lr
 
 
 def test_scheduler_and_frozen_parameters_reach_the_optimizer():

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import compose_cfg, only_run_dir, run_cli
@@ -36,7 +37,7 @@ def start_and_signal(cwd: Path, sig: int, *overrides: str, after_epoch: int = 1)
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in process.stdout:
-        if line.startswith(f"epoch {after_epoch}/3"):  # EpochLog's line: that epoch is done, the next has begun
+        if line.startswith(f"epoch {after_epoch}/3"):  # EpochProgress's line: that epoch is done, the next has begun
             time.sleep(0.3)
             process.send_signal(sig)
             break
@@ -69,8 +70,8 @@ def test_sigterm_saves_last_ckpt_and_the_resumed_run_ends_like_an_uninterrupted_
     run_cli(tmp_path / "straight", "epochs=3", *common)
     straight = only_run_dir(tmp_path / "straight")
 
-    (tmp_path / "stopped").mkdir()
-    stopped = start_and_signal(tmp_path / "stopped", signal.SIGTERM, *common)
+    (tmp_path / "stopped").mkdir()  # also into MLflow, which must go on in the same MLflow run
+    stopped = start_and_signal(tmp_path / "stopped", signal.SIGTERM, *common, "logger=[tensorboard,mlflow]")
     assert stopped.returncode == 128 + signal.SIGTERM
     run = only_run_dir(tmp_path / "stopped")
     assert f"Continue with: python -m fmnist_lab resume={run}" in stopped.stderr
@@ -93,6 +94,12 @@ def test_sigterm_saves_last_ckpt_and_the_resumed_run_ends_like_an_uninterrupted_
         assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a), name
     last_epoch = [last_scalars(r, ("val/loss", "val/acc", "train/loss_epoch")) for r in (straight, run)]
     assert last_epoch[0] == last_epoch[1]
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'stopped' / 'outputs' / 'mlflow.db'}")
+    (tracked,) = client.search_runs([client.get_experiment_by_name("fmnist_lab").experiment_id])
+    assert tracked.info.status == "FINISHED" and tracked.data.metrics["test/acc"] == pytest.approx(b["test/acc"])
+    steps = [m.step for m in client.get_metric_history(tracked.info.run_id, "val/acc")]
+    assert steps == [199, 399, 599]  # each epoch's last step, before and after the resume
 
 
 def last_scalars(run: Path, tags: tuple[str, ...]) -> dict[str, tuple[int, float]]:

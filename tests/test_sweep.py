@@ -19,6 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from conftest import run_cli
+from fmnist_lab.sweep import markdown, plot, ranked
 
 QUICK = ["debug=limit", "device=cpu", "~callbacks.onnx_export", "~callbacks.report"]  # neither is what sweeps test
 
@@ -42,7 +43,7 @@ def hparams_session(run_dir: Path) -> tuple[set[str], set[str]]:
 
 @pytest.mark.slow
 def test_grid_sweep_keeps_every_job_and_fails_loudly_on_a_divergent_one(synthetic_root, tmp_path):
-    result, sweep_dir, rows = sweep(tmp_path, "lr=0.05,10000,0.2", f"data.root={synthetic_root}", "epochs=3",
+    result, sweep_dir, rows = sweep(tmp_path, "lr=0.05,10000,0.123456789", f"data.root={synthetic_root}", "epochs=3",
                                     *QUICK, check=False)
     assert result.returncode == 1
     assert f"1 of 3 sweep jobs failed (jobs 1); see {sweep_dir.relative_to(tmp_path) / 'summary.md'}" in result.stderr
@@ -54,6 +55,7 @@ def test_grid_sweep_keeps_every_job_and_fails_loudly_on_a_divergent_one(syntheti
     table = (sweep_dir / "summary.md").read_text()
     assert re.search(rf"\| \*\*best\*\* \| {best['job']} \| MLP \| {float(best['objective']):.4f} \|", table)
     assert "failed: FloatingPointError: training loss became nan" in table
+    assert rows[2]["overrides"].startswith("lr=0.123456789 ") and "| `lr=0.1235 " in table  # the csv re-runs it
     with Image.open(sweep_dir / "summary.png") as png:
         assert png.format == "PNG" and png.size[0] > 200
     for row in rows:
@@ -183,3 +185,46 @@ def test_killing_a_parallel_sweep_leaves_no_workers_behind(synthetic_root, tmp_p
     assert workers and not alive
     statuses = [json.loads(p.read_text()).get("status") for p in (tmp_path / "s").glob("*/metrics.json")]
     assert statuses and set(statuses) <= {"interrupted", None}
+
+
+def summary_row(job: int, status: str, objective: str, overrides: str, error: str = "") -> dict[str, str]:
+    """A summary.csv row as `read_rows` gives it."""
+    return {"job": str(job), "status": status, "objective": objective, "val/acc_best": objective,
+            "test/acc": objective, "test/loss": "0.41237" if objective else "", "epochs": "3",
+            "train_seconds": "12.3456", "overrides": overrides, "error": error, "run_dir": f"/sweep/{job}",
+            "model": "MLP"}
+
+
+def test_summary_table_shows_rounded_overrides_and_numbers():
+    exact = "optimizer.lr=0.0031622776601683794 seed=7 lr=1e-3 model.hidden=[512,512] data.root=/d/0.5 ~logger"
+    table = markdown([summary_row(0, "ok", "0.912345", exact)], "val/acc_best")
+    assert ("| **best** | 0 | MLP | 0.9123 | 0.9123 | 0.4124 | 3 | 12.3 "
+            "| `optimizer.lr=0.003162 seed=7 lr=0.001 model.hidden=[512,512] data.root=/d/0.5 ~logger` | ok |") in table
+
+
+def test_summary_plot_draws_failed_jobs_apart_from_the_scores(tmp_path):
+    """A failed job's cross sits on a strip of its own under the scores, at its parameter value (before, it sat
+    among the scores at the lowest one's height); the swept values are the rounded tick labels."""
+    lrs = ["0.0031622776601683794", "3.1622776601683795", "0.00031622776601683794", "0.1"]
+    rows = ranked([summary_row(0, "ok", "0.81", f"optimizer.lr={lrs[0]} model=mlp"),
+                   summary_row(1, "failed", "", f"optimizer.lr={lrs[1]} model=cnn", "FloatingPointError: nan"),
+                   summary_row(2, "ok", "0.85", f"optimizer.lr={lrs[2]} model=cnn"),
+                   summary_row(3, "ok", "0.83", f"optimizer.lr={lrs[3]} model=mlp")], "max")
+    fig = plot(rows, "val/acc_best", tmp_path / "summary.png")
+
+    scores = [ax for ax in fig.axes if ax.get_ylabel() == "val/acc_best"]
+    strips = [ax for ax in fig.axes if ax.get_ylabel() == "failed"]
+    assert len(scores) == len(strips) == 2 and len(fig.axes) == 4  # model and optimizer.lr, each with a strip
+    lr_scores, lr_strip = (next(ax for ax in group if ax.get_xscale() == "log") for group in (scores, strips))
+    assert lr_strip.get_shared_x_axes().joined(lr_strip, lr_scores) and lr_strip.get_xlabel() == "optimizer.lr"
+    points = [tuple(p) for c in lr_scores.collections for p in c.get_offsets()]
+    assert {y for _, y in points} == {0.81, 0.83, 0.85} and float(lrs[1]) not in {x for x, _ in points}
+    assert (float(lrs[2]), 0.85) in [tuple(c.get_offsets()[0]) for c in lr_scores.collections
+                                     if len(c.get_offsets()) == 1]  # the best job's star
+    assert [tuple(p) for c in lr_strip.collections for p in c.get_offsets()] == [(float(lrs[1]), 0.0)]
+    assert {t.get_text() for t in lr_strip.get_xticklabels()} == {"0.003162", "3.162", "0.0003162", "0.1"}
+    with Image.open(tmp_path / "summary.png") as png:
+        assert png.format == "PNG"
+
+    without_failures = plot([r for r in rows if r["status"] == "ok"], "val/acc_best", tmp_path / "ok.png")
+    assert [ax.get_ylabel() for ax in without_failures.axes] == ["val/acc_best"] * 2  # no empty strip

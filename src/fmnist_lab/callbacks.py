@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import re
 import sys
 import time
@@ -13,10 +14,11 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from PIL import Image
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from fmnist_lab.artifacts import export_onnx, first_images, verify_onnx
 from fmnist_lab.data import CLASSES, DeviceLoader
@@ -25,8 +27,38 @@ from fmnist_lab.report import CONFUSION_PNG, MISCLASSIFIED_PNG, predict_split, w
 log = logging.getLogger(__name__)
 
 
-class EpochLog(Callback):
-    """One line per epoch for logs and pipes, where a live progress bar would only add noise."""
+def to_log_file(line: str) -> None:
+    """A line the console already shows as a plain print (an epoch's, the final result), into the run's log file
+    alone: straight to the file handlers of Hydra's logging config, whichever hydra/job_logging is chosen."""
+    record = logging.LogRecord("fmnist_lab.results", logging.INFO, __file__, 0, line, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+class EpochProgress(ProgressBar):
+    """One result line per epoch, "epoch 3/10: val/acc 0.8512 val/loss 0.4100 (1.4 s)", printed and written to
+    the run's log file. With `live` (a terminal), a bar of the epoch's training batches shows while the epoch runs
+    and is erased when its line is printed, so the terminal keeps one line per epoch; pipes and logs get only the
+    lines. The bar is redrawn every `refresh_rate` batches; 0 shows no bar."""
+
+    def __init__(self, refresh_rate: int = 10, live: bool = True) -> None:
+        super().__init__()
+        self.refresh_rate, self.live = refresh_rate, live and refresh_rate > 0
+        self.enabled = True
+        self.bar: Progress | None = None
+        self.task = None
+        self.started = time.perf_counter()
+
+    def disable(self) -> None:  # Lightning's base class disables the bar on every rank but zero
+        self.enabled = False
+
+    def enable(self) -> None:
+        self.enabled = True
+
+    def epoch_name(self, trainer: pl.Trainer) -> str:
+        limit = trainer.max_epochs  # -1 (or None): no epoch limit, so no "/M"
+        return f"epoch {trainer.current_epoch + 1}" + (f"/{limit}" if limit not in (None, -1) else "")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.started = time.perf_counter()  # a resumed mid-epoch run gets no on_train_epoch_start first
@@ -34,14 +66,43 @@ class EpochLog(Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.started = time.perf_counter()
 
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        if not (self.live and self.enabled):
+            return
+        total = self.total_train_batches
+        if self.bar is None:  # started at a batch, not the epoch's start: a resumed run may begin mid-epoch
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), TimeRemainingColumn(), transient=True, auto_refresh=False)
+            # no colon after the epoch: the bar never reads like the result line that replaces it
+            self.task = self.bar.add_task(self.epoch_name(trainer), total=None if math.isinf(total) else total,
+                                          completed=batch_idx)
+            self.bar.start()
+        done = batch_idx + 1
+        if done % self.refresh_rate == 0 or done >= total:
+            self.bar.update(self.task, completed=done, refresh=True)
+
+    def stop_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()  # transient: erased from the terminal
+            self.bar = None
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero:  # one line per epoch, not one per DDP process
+        self.stop_bar()
+        if not (self.enabled and trainer.is_global_zero):  # one line per epoch, not one per DDP process
             return
         # Validation has run by now (it ends each training epoch), so its metrics are current.
         m = trainer.callback_metrics
         val = "".join(f" {k} {float(m[k]):.4f}" for k in ("val/acc", "val/loss") if k in m)
-        print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}:{val} "
-              f"({time.perf_counter() - self.started:.1f} s)", flush=True)
+        line = f"{self.epoch_name(trainer)}:{val} ({time.perf_counter() - self.started:.1f} s)"
+        print(line, flush=True)
+        to_log_file(line)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.stop_bar()  # hands the terminal back for the error or the "how to resume" message
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.stop_bar()
 
 
 class EpochTimer(Callback):
@@ -153,9 +214,9 @@ class SaveOnInterrupt(Callback):
               f"Continue with: python -m fmnist_lab resume={self.dirpath.parent}", file=sys.stderr, flush=True)
 
 
-def progress(refresh_rate: int = 10) -> Callback:
-    """A Rich progress bar on a terminal, one line per epoch otherwise."""
-    return RichProgressBar(refresh_rate=refresh_rate) if sys.stdout.isatty() else EpochLog()
+def progress(refresh_rate: int = 10) -> EpochProgress:
+    """One line per epoch; on a terminal also a live bar within each epoch."""
+    return EpochProgress(refresh_rate, live=sys.stdout.isatty())
 
 
 class OnnxExport(Callback):

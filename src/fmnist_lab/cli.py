@@ -64,6 +64,10 @@ def run_job(cfg: DictConfig, sweep_launcher: str | None) -> tuple[float | None, 
             config = run.load_config()
             untrusted_targets(config, run.config)  # a run folder may come from elsewhere: it names no code
             metrics = train(config, resume=True)
+        elif cfg.get("tune"):
+            from fmnist_lab.train import find_lr
+
+            metrics = find_lr(cfg)
         elif sweep_launcher is not None and job_ended(run):
             # The same sweep again in its folder (SweepSummary refuses a different one there): a job that ended
             # keeps its result and its row, and is not trained again.

@@ -60,6 +60,7 @@ class TrainConfig:
     trainer: Any = None
     logger: Any = None
     callbacks: Any = None
+    tune: Any = None  # null, or the options of conf/tune/lr_find.yaml
 
 
 def config_dir() -> str:
@@ -103,6 +104,8 @@ def register() -> None:
     OmegaConf.register_new_resolver("slurm_tasks", slurm_tasks, replace=True)
     OmegaConf.register_new_resolver("slurm_gpus", slurm_gpus, replace=True)
     OmegaConf.register_new_resolver("rank_suffix", rank_suffix, replace=True)
+    # a store URI (sqlite:///<absolute path>) from a folder given relative to where runs start
+    OmegaConf.register_new_resolver("abspath", lambda path: str(Path(path).resolve()), replace=True)
 
 
 def rank_suffix() -> str:
@@ -173,6 +176,20 @@ def validate(cfg: DictConfig, sweep_launcher: str | None = None) -> None:
         Augment(**augment)
     except ValueError as err:
         raise ConfigError(f"Invalid config: {err}") from err
+
+    if tune := cfg.get("tune"):
+        check(0 < tune.min_lr < tune.max_lr, "tune.min_lr", tune.min_lr,
+              f"The range test runs from tune.min_lr to tune.max_lr ({tune.max_lr}): 0 < min_lr < max_lr.")
+        check(isinstance(tune.num_training, int) and tune.num_training >= 10, "tune.num_training", tune.num_training,
+              "It is how many rates are tried, one training step each: an integer >= 10 (default 100).")
+        check(tune.mode in ("exponential", "linear"), "tune.mode", tune.mode, "Use exponential or linear.")
+    for name, logger in (cfg.get("logger") or {}).items():
+        if logger and "mlflow" in str(logger.get("_target_", "")).lower():
+            try:
+                import mlflow  # noqa: F401
+            except ImportError as err:
+                raise ConfigError(f"Invalid config: logger={name!r}. MLflow is not installed here: pip install -e "
+                                  "'.[tracking]' (make setup installs it), or use logger=tensorboard.") from err
 
     trainer = cfg.trainer
     precision = str(trainer.get("precision", "32-true"))

@@ -1,10 +1,15 @@
 """Re-test a trained model on the 10,000 official test images.
 
-    python -m fmnist_lab.evaluate run=<run dir|.ckpt|.pth> [data.root=<folder>] [device=auto|cpu|gpu]
-                                  [report=false|true] [out=<folder>]
+usage: python -m fmnist_lab.evaluate run=<run dir|.ckpt|.pth> [data.root=<folder>] [device=auto|cpu|gpu]
+                                     [report=false|true] [out=<folder>]
 
-report=true writes confusion_matrix.png and misclassified.png into `out` (default: the run directory, or the
-folder holding the model file).
+  run=        the model: a run directory, or a .ckpt or .pth file (a .pth needs its model.json beside it)
+  data.root=  the folder holding the FashionMNIST files (default: the one the run trained on, else
+              /usr/share/datasets/fashion-mnist or ./data)
+  device=     auto (a CUDA GPU when one is visible), cpu or gpu (default: auto)
+  report=     true also writes confusion_matrix.png and misclassified.png (default: false)
+  out=        the folder report=true writes to (default: the run directory, or the folder holding the model file)
+  -h, --help  print this help and exit
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from pathlib import Path
 from fmnist_lab.predict import UsageError, parse_args
 from fmnist_lab.run_dir import RunDir
 
-USAGE = __doc__.split("\n\n")[1].strip()
+USAGE = __doc__.split("\n\n")[1].removeprefix("usage: ")
 
 
 def evaluate(run: str | Path, root: str | None = None, device: str = "auto", out: Path | None = None) -> dict:
@@ -41,12 +46,16 @@ def evaluate(run: str | Path, root: str | None = None, device: str = "auto", out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:  # answered before the imports below, which load torch
+        print(__doc__.strip())
+        return 0
     from fmnist_lab.data import CLASSES, DataError
     from fmnist_lab.report import CONFUSION_PNG, MISCLASSIFIED_PNG, per_class_table
 
     try:
         # report is a string here: parse_args types a value like its default, and bool("false") is True
-        options, extra, flags = parse_args(sys.argv[1:] if argv is None else argv,
+        options, extra, flags = parse_args(argv,
                                            {"run": None, "data.root": "", "device": "auto", "report": "false",
                                             "out": ""}, USAGE)
         if extra or flags:

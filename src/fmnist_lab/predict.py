@@ -1,6 +1,12 @@
 """Classify image files with a trained model.
 
-    python -m fmnist_lab.predict model=<run dir|.ckpt|.pth|.onnx> [top_k=3] [--json] <images or folders>
+usage: python -m fmnist_lab.predict model=<run dir|.ckpt|.pth|.onnx> [top_k=3] [--json] <images or folders>
+
+  model=      the model: a run directory, a .ckpt, a .pth (with its model.json beside it) or an .onnx file
+  top_k=      how many of the likeliest classes to list per image (default: 3)
+  --json      print the results as JSON instead of one line per image
+  images      image files, and folders searched for image files
+  -h, --help  print this help and exit
 
 Images should look like FashionMNIST: 28x28 grayscale, light garment on black. Other sizes and colour
 images are converted (with a warning). An `.onnx` model runs on ONNX Runtime alone: this module imports
@@ -17,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-USAGE = __doc__.split("\n\n")[1].strip()
+USAGE = __doc__.split("\n\n")[1].removeprefix("usage: ")
 
 
 class UsageError(ValueError):
@@ -133,8 +139,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # file names print whatever the terminal's encoding
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(__doc__.strip())
+        return 0
     try:
-        options, paths, flags = parse_args(sys.argv[1:] if argv is None else argv, {"model": None, "top_k": 3}, USAGE)
+        options, paths, flags = parse_args(argv, {"model": None, "top_k": 3}, USAGE)
         if not paths or flags - {"--json"}:
             raise UsageError(f"give image files or folders; the only flag is --json.\nusage: {USAGE}")
     except UsageError as err:

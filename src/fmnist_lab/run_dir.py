@@ -122,15 +122,16 @@ class RunDir:
 
     def mark_failed(self, err: BaseException) -> None:
         """metrics.json says the run failed and why, keeping whatever the run measured before."""
-        self.mark("failed", f"{type(err).__name__}: {err}")
+        self.update(status="failed", error=f"{type(err).__name__}: {err}")
 
-    def mark_interrupted(self, how: str, step: int) -> None:
+    def mark_interrupted(self, how: str, step: int, epochs: int) -> None:
         """metrics.json says the run was stopped by a signal (so it is not finished), keeping what it measured."""
-        self.mark("interrupted", f"{how} at step {step}")
+        self.update(status="interrupted", error=f"{how} at step {step}", epochs=epochs, global_step=step)
 
-    def mark(self, status: str, error: str) -> None:
+    def update(self, **fields: Any) -> None:
+        """Add `fields` to metrics.json (a status and its error, how far an unfinished run got), keeping the rest."""
         try:
-            self.write_metrics({**self.read_metrics(), "status": status, "error": error})
+            self.write_metrics({**self.read_metrics(), **fields})
         except (BadFileError, OSError):  # damaged, or the disk is full: the file stays as it was
             pass
 

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
@@ -27,6 +27,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from fmnist_lab.run_dir import RunDir, atomic_write, is_rank_zero
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 # new columns go last: a sweep folder from an earlier version is continued with its own header
@@ -91,6 +94,27 @@ def ranked(rows: list[dict[str, str]], mode: str) -> list[dict[str, str]]:
     return sorted(rows, key=key)
 
 
+def short(value: str) -> str:
+    """A float as 4 significant digits, for reading (Optuna proposes lr=0.0031622776601683794); whole numbers and
+    text as they are."""
+    try:
+        int(value)
+        return value
+    except ValueError:
+        pass
+    try:
+        return f"{float(value):.4g}"
+    except ValueError:
+        return value
+
+
+def short_overrides(overrides: str) -> str:
+    """The overrides with their float values rounded by `short`: for display only, summary.csv keeps them exact
+    so that a job can be run again."""
+    return " ".join(key + sep + short(value) if sep else part
+                    for part in overrides.split(" ") for key, sep, value in [part.partition("=")])
+
+
 def markdown(rows: list[dict[str, str]], metric: str) -> str:
     def fmt(value: str, digits: int = 4) -> str:
         try:
@@ -105,7 +129,7 @@ def markdown(rows: list[dict[str, str]], metric: str) -> str:
         status = "ok" if r["status"] == "ok" else f"{r['status']}: {r['error']}"
         lines.append(f"| {best} | {r['job']} | {r.get('model') or '-'} | {fmt(r['objective'])} | {fmt(r['test/acc'])} "
                      f"| {fmt(r['test/loss'])} | {r['epochs'] or '-'} | {fmt(r['train_seconds'], 1)} "
-                     f"| `{r['overrides']}` | {status} |")
+                     f"| `{short_overrides(r['overrides'])}` | {status} |")
     return "\n".join(lines) + "\n"
 
 
@@ -117,43 +141,59 @@ def swept_parameters(rows: list[dict[str, str]]) -> dict[str, list[str]]:
     return {k: v for k, v in values.items() if len(set(v)) > 1}
 
 
-def plot(rows: list[dict[str, str]], metric: str, path: Path) -> None:
-    """The objective against each swept parameter: numeric on a (log, for wide ranges) axis, others grouped.
-    The best job is a star; failed jobs are red crosses along the bottom edge, at their parameter value."""
+def plot(rows: list[dict[str, str]], metric: str, path: Path) -> Figure:
+    """The objective against each swept parameter: numeric on a (log, for wide ranges) axis, others grouped;
+    the best job is a star. Jobs without a score (failed, interrupted) are red crosses on a strip of their own
+    below, at their parameter value, so that none can be read as a score. Returns the (closed) figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    done = [r for r in rows if r["status"] == "ok" and r["objective"] not in ("", None)]
+    done = [r for r in rows if r["status"] == "ok" and r["objective"] not in ("", None)
+            and math.isfinite(float(r["objective"]))]
+    scored = {id(r) for r in done}
     ys = [float(r["objective"]) for r in done]
-    floor = min(ys) if ys else 0.0
     params = swept_parameters(rows) or {"job": [r["job"] for r in rows]}
-    fig, axes = plt.subplots(1, len(params), figsize=(4.2 * len(params), 3.6), squeeze=False)
-    for ax, (name, values) in zip(axes[0], params.items(), strict=True):
+    strip = len(done) < len(rows)
+    fig, axes = plt.subplots(1 + strip, len(params), figsize=(4.2 * len(params), 3.6 + 0.8 * strip),
+                             sharex="col", squeeze=False, height_ratios=[4, 1] if strip else None)
+    for column, (name, values) in enumerate(params.items()):
+        ax, bottom = axes[0][column], axes[-1][column]  # bottom: the failed strip, else ax; x is labelled there
         try:
             positions = [float(v) for v in values]
             positive = [p for p in positions if p > 0]
             if len(positive) == len(positions) and max(positive) / min(positive) >= 20:
                 ax.set_xscale("log")  # learning rates and other rates span decades
+            ticks = dict(zip(positions, values, strict=True))
+            if len(ticks) <= 8:  # a grid's few values: a tick at each, named as swept (rounded)
+                bottom.set_xticks(list(ticks), [short(v) for v in ticks.values()], rotation=30, ha="right",
+                                  fontsize=8)
+                bottom.set_xticks([], minor=True)
         except ValueError:  # categorical: one column of points per value
             categories = sorted(set(values))
             positions = [categories.index(v) for v in values]
-            ax.set_xticks(range(len(categories)), categories, rotation=30, ha="right", fontsize=8)
+            bottom.set_xticks(range(len(categories)), [short(v) or "-" for v in categories], rotation=30, ha="right",
+                              fontsize=8)
         x = dict(zip((id(r) for r in rows), positions, strict=True))
         ax.scatter([x[id(r)] for r in done], ys, label="finished")
         if done:
             ax.scatter([x[id(done[0])]], [ys[0]], marker="*", s=250, color="gold", edgecolor="black", label="best")
-        failed = [x[id(r)] for r in rows if r not in done]
-        if failed:
-            ax.scatter(failed, [floor] * len(failed), marker="x", color="red", s=60, label="failed")
-        ax.set_xlabel(name)
+        if strip:
+            failed = [x[id(r)] for r in rows if id(r) not in scored]
+            bottom.scatter(failed, [0] * len(failed), marker="x", color="red", s=60)
+            bottom.set_yticks([])
+            bottom.set_ylabel("failed", rotation=0, ha="right", va="center")
+            bottom.grid(alpha=0.3, axis="x")
+        bottom.set_xlabel(name)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    if done:  # with no finished job there is nothing to name
+        axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
+    return fig
 
 
 class SweepSummary(Callback):

@@ -7,6 +7,7 @@ import inspect
 import logging
 import platform
 import signal
+import subprocess
 import threading
 import time
 import warnings
@@ -17,22 +18,27 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.tuner import Tuner
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 import fmnist_lab
 from fmnist_lab.artifacts import freeze, parameter_counts, save_weights, warm_start
+from fmnist_lab.callbacks import to_log_file
 from fmnist_lab.config import ConfigError
 from fmnist_lab.data import CLASSES
 from fmnist_lab.gpu_step import CudaGraphs
 from fmnist_lab.models import Classifier, UnknownNetworkError
-from fmnist_lab.run_dir import Interrupted, RunDir, save_torch
+from fmnist_lab.report import CONFUSION_PNG, MISCLASSIFIED_PNG, pyplot
+from fmnist_lab.run_dir import Interrupted, RunDir, atomic_write, save_torch, write_json
+from fmnist_lab.tracking import MLflowLogger, swept_knobs
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +149,7 @@ def stop_if_signalled(run: RunDir, trainer: pl.Trainer, sigterm: list[int]) -> N
         return
     how, code = ("Ctrl-C", 130) if trainer.interrupted and not sigterm else ("SIGTERM", 128 + signal.SIGTERM)
     if trainer.is_global_zero:
-        run.mark_interrupted(how, trainer.global_step)
+        run.mark_interrupted(how, trainer.global_step, trainer.current_epoch)
     raise Interrupted(f"{how} stopped the run at step {trainer.global_step}; {run.metrics} marks it interrupted. "
                       f"Continue it with: python -m fmnist_lab resume={run.path}", code)
 
@@ -170,6 +176,7 @@ def train(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
     params = parameter_counts(model.net)
     log.info("parameters: {total:,} total, {trainable:,} trainable, {frozen:,} frozen".format(**params))
 
+    source = source_version()  # before training: the code that runs, not what it is edited into meanwhile
     with distributed_job(), sigterm_noted() as sigterm:
         started = datetime.now().astimezone().isoformat(timespec="seconds")
         start = time.perf_counter()
@@ -183,6 +190,10 @@ def train(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
         except (SIGTERMException, SystemExit) as err:  # Lightning ends a Ctrl-C with exit(1)
             if not (isinstance(err, SIGTERMException) or trainer.interrupted):
                 raise
+        except Exception:
+            if trainer.is_global_zero:  # how far it got, for `fmnist_lab.runs`; the CLI adds the error
+                run.update(epochs=trainer.current_epoch, global_step=trainer.global_step)
+            raise
         stop_if_signalled(run, trainer, sigterm)
         metrics = {
             "test/acc": test["test/acc"],
@@ -202,6 +213,7 @@ def train(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
             "finished": datetime.now().astimezone().isoformat(timespec="seconds"),
             "versions": {"fmnist_lab": fmnist_lab.__version__, "torch": torch.__version__, "lightning": pl.__version__,
                          "python": platform.python_version()},
+            "git": source,
         }
         if not trainer.is_global_zero:  # the other DDP ranks trained and tested; rank zero writes the results
             return {}
@@ -210,29 +222,96 @@ def train(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
             metrics.update(getattr(callback, "metrics", None) or {})
         run.write_metrics(metrics)
         stop_if_signalled(run, trainer, sigterm)  # the last moment a signal can still undo "finished"
-        log_final(trainer.loggers, plain(cfg), metrics)  # after the run's own files: a logger may fail
         errors = [callback.error for callback in trainer.callbacks if getattr(callback, "error", None)]
+        # after the run's own files: a logger may fail
+        log_final(trainer.loggers, plain(cfg), metrics, run, "failed" if errors else "success")
         if errors:  # after metrics.json, so the failed run still records everything it measured
             raise ArtifactError(" ".join(errors))
         report(run, metrics, tensorboard=any("tensorboard" in type(lg).__name__.lower() for lg in trainer.loggers))
         return metrics
 
 
-def log_final(loggers: list, config: dict, metrics: dict) -> None:
-    """The job's config and final numbers to every logger, through each logger's public API. TensorBoard's
+def find_lr(cfg: DictConfig) -> dict[str, Any]:
+    """tune=lr_find: Lightning's learning-rate range test on the run's model and data, instead of training. Writes
+    lr_find.png (loss against rate, the suggestion marked), lr_find.json and metrics.json into the run directory
+    and prints the suggested rate with the command that trains with it."""
+    run = RunDir(cfg.paths.output_dir)
+    run.check_writable()
+    quiet_libraries()
+    if cfg.seed is not None:
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    # the finder trains throw-away steps: no checkpoints, curves or report of them
+    datamodule, model, trainer = build(OmegaConf.merge(cfg, {"logger": None, "callbacks": None}))
+    tune = cfg.tune
+    started = datetime.now().astimezone().isoformat(timespec="seconds")
+    finder = Tuner(trainer).lr_find(model, datamodule=datamodule, min_lr=tune.min_lr, max_lr=tune.max_lr,
+                                    num_training=tune.num_training, mode=tune.mode,
+                                    early_stop_threshold=tune.early_stop_threshold, update_attr=False)
+    if finder is None:  # Lightning skips it under fast_dev_run
+        raise ConfigError("Invalid config: tune=lr_find does not run with debug=fast_dev_run; drop the debug option.")
+    suggestion = finder.suggestion()
+    plt = pyplot()
+    figure = finder.plot(suggest=suggestion is not None, show=False)
+    figure.axes[0].set_title(f"suggested lr: {suggestion:.3g}" if suggestion else "no suggestion")
+    atomic_write(run.path / "lr_find.png", lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    plt.close(figure)
+    write_json(run.path / "lr_find.json", {"suggestion": suggestion, **plain(tune), **finder.results})
+    metrics = {"task": "lr_find", "lr_suggestion": suggestion, "steps": len(finder.results["lr"]), "seed": cfg.seed,
+               "device": str(trainer.strategy.root_device), "started": started,
+               "finished": datetime.now().astimezone().isoformat(timespec="seconds"), "git": source_version()}
+    run.write_metrics(metrics)
+    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    others = " ".join(o for o in overrides if not o.startswith(("tune", "lr=")))
+    if suggestion is None:
+        print(f"no suggestion: the loss did not fall over {metrics['steps']} steps from {tune.min_lr} to "
+              f"{tune.max_lr}; see {run.path / 'lr_find.png'} and try other bounds (tune.min_lr, tune.max_lr).")
+    else:
+        print(f"suggested lr: {suggestion:.3g} (the loss's steepest descent; plot: {run.path / 'lr_find.png'})\n"
+              f"train with it: python -m fmnist_lab lr={suggestion:.3g} {others}".rstrip())
+    return metrics
+
+
+def source_version() -> dict[str, Any] | None:
+    """The git commit of the fmnist_lab checkout that runs, and whether its tracked files had changes; None
+    when fmnist_lab is installed from a wheel (or git is missing)."""
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(Path(fmnist_lab.__file__).parent), *args], capture_output=True,
+                              text=True, timeout=30)
+    try:
+        # an installed copy can sit inside some checkout (a venv in a repo): only our own tracked files count
+        if git("ls-files", "--error-unmatch", "__init__.py").returncode != 0:
+            return None
+        commit, status = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if commit.returncode != 0:
+        return None
+    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+def log_final(loggers: list, config: dict, metrics: dict, run: RunDir, status: str) -> None:
+    """The job's settings and final numbers to every logger, through each logger's public API. TensorBoard's
     HPARAMS tab shows them side by side (as hp/* scalars, so the real curves keep only their real points), and
-    one `tensorboard --logdir <sweep dir>` compares every job. A logger that fails costs a warning, not the run."""
-    hparams = {k: v for k, v in config.items() if k not in ("paths", "hydra")}
+    one `tensorboard --logdir <sweep dir>` compares every job; MLflow also gets the run's files. A logger that
+    fails costs a warning, not the run."""
+    hparams = swept_knobs(config)
     final = {f"hp/{k.replace('/', '_')}": metrics[k] for k in ("test/acc", "test/loss", "val/acc_best")
              if metrics[k] is not None}
     for logger in loggers:
         try:
-            if "metrics" in inspect.signature(logger.log_hyperparams).parameters:
+            if isinstance(logger, MLflowLogger):  # its own names: test/acc beside the curves of the same name
+                logger.log_hyperparams(hparams)
+                numbers = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+                logger.log_metrics({k: v for k, v in numbers.items() if k not in ("seed", "cpu_threads")},
+                                   step=metrics["global_step"])
+                logger.log_files([run.metrics, run.path / "model.onnx", run.model_json, run.config,
+                                  *(run.path / name for name in (CONFUSION_PNG, MISCLASSIFIED_PNG))])
+            elif "metrics" in inspect.signature(logger.log_hyperparams).parameters:
                 logger.log_hyperparams(hparams, final)
             else:  # e.g. CSVLogger: the parameters, then the numbers as one more row
                 logger.log_hyperparams(hparams)
                 logger.log_metrics(final, step=metrics["global_step"])
-            logger.finalize("success")
+            logger.finalize(status)
         except Exception as err:
             log.warning(f"{type(logger).__name__} could not record the final metrics ({type(err).__name__}: {err}); "
                         "the run's own files (metrics.json, checkpoints, weights) are complete.")
@@ -240,8 +319,11 @@ def log_final(loggers: list, config: dict, metrics: dict) -> None:
 
 def report(run: RunDir, metrics: dict, tensorboard: bool) -> None:
     console = Console(highlight=False, soft_wrap=True)  # paths stay whole for copying
-    console.print(f"[bold]test/acc {metrics['test/acc']:.4f}[/]  test/loss {metrics['test/loss']:.4f}  "
-                  f"({metrics['epochs']} epochs, {metrics['train_seconds']:.1f} s training on {metrics['device']})")
+    acc = f"test/acc {metrics['test/acc']:.4f}"
+    rest = (f"test/loss {metrics['test/loss']:.4f}  "
+            f"({metrics['epochs']} epochs, {metrics['train_seconds']:.1f} s training on {metrics['device']})")
+    console.print(f"[bold]{acc}[/]  {rest}")
+    to_log_file(f"{acc}  {rest}")
     onnx_note = ", model.onnx (verified)" if metrics.get("onnx", {}).get("ok") else ""
     console.print(f"artifacts: {run.path}  (metrics.json, checkpoints/, model_weights.pth{onnx_note})")
     if tensorboard:

@@ -35,6 +35,9 @@ class Classifier(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters(logger=False)  # the run logs the whole config once, with its results
         self.net = build_net(net, "model")  # registered architectures only: checkpoints are data
+        # Where Lightning's learning-rate finder (Tuner.lr_find, the LearningRateFinder callback) puts the rate
+        # it suggests; the optimizer is built with it.
+        self.lr = optimizer.get("lr")
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
@@ -143,7 +146,8 @@ class Classifier(pl.LightningModule):
         # Frozen parameters stay out of the optimizer, so weight decay and momentum cannot move them.
         params = [p for p in self.parameters() if p.requires_grad]
         make = instantiate(self.hparams.optimizer)
-        optimizer = make(params=params, **optimizer_options(make, self.device, self.hparams.fused_optimizer))
+        rate = {"lr": self.lr} if self.lr is not None else {}
+        optimizer = make(params=params, **rate, **optimizer_options(make, self.device, self.hparams.fused_optimizer))
         if not self.hparams.scheduler:
             return optimizer
         scheduler = instantiate(self.hparams.scheduler)(optimizer=optimizer)
