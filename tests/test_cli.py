@@ -99,7 +99,7 @@ def test_the_cnn_recipe_learns_the_real_data_in_a_short_epoch(real_root, tmp_pat
     """experiment=cnn as shipped, cut to one epoch of 100 batches: the CNN, its augmentation and the recipe's
     optimizer learn the real data (chance is 10%; the full 10 epochs reach about 93%)."""
     run_cli(tmp_path, "experiment=cnn", "epochs=1", "trainer.limit_train_batches=100", "device=cpu", "logger=none",
-            "~callbacks.onnx_export")  # the CNN's export is tested on synthetic data
+            "~callbacks.onnx_export", "~callbacks.report")  # the CNN's export and report are tested on synthetic data
     run = only_run_dir(tmp_path)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test/acc"] > 0.8 and metrics["val/acc_best"] > 0.8 and metrics["global_step"] == 100
@@ -160,7 +160,8 @@ def test_runs_started_together_in_one_folder_each_get_their_own_directory(synthe
     """Three runs launched at once from the same folder: three directories, each with its own config and
     results (before, runs started in the same second shared one)."""
     processes = [subprocess.Popen([sys.executable, "-m", "fmnist_lab", f"seed={seed}", f"data.root={synthetic_root}",
-                                   "device=cpu", "debug=limit", "epochs=1", "logger=none", "~callbacks.onnx_export"],
+                                   "device=cpu", "debug=limit", "epochs=1", "logger=none", "~callbacks.onnx_export",
+                                   "~callbacks.report"],
                                   cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                  for seed in (1, 2, 3)]
     assert all(p.wait(timeout=300) == 0 for p in processes), [p.stderr.read()[-1500:] for p in processes]

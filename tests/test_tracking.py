@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -46,6 +53,38 @@ def test_a_parallel_sweep_logs_every_job_into_one_new_mlflow_store(synthetic_roo
         assert json.loads((job / "mlflow.json").read_text())["run_id"] == run.info.run_id
         assert (job / "tensorboard").is_dir()  # both loggers at once
     assert len(list((tmp_path / "outputs" / "mlartifacts").iterdir())) == 2  # artifacts beside the store
+
+    # the README's `mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db` serves both runs
+    with mlflow_ui(tmp_path, "sqlite:///outputs/mlflow.db") as url:
+        request = urllib.request.Request(f"{url}/api/2.0/mlflow/runs/search", method="POST",
+                                         data=json.dumps({"experiment_ids": [runs[0].info.experiment_id]}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        served = json.loads(urllib.request.urlopen(request, timeout=30).read())["runs"]
+    assert sorted(r["info"]["run_id"] for r in served) == sorted(r.info.run_id for r in runs)
+
+
+@contextmanager
+def mlflow_ui(cwd: Path, store: str):
+    """`mlflow ui` on a free port, as the README starts it; its base URL once it answers."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "ui", "--backend-store-uri", store,
+                               "--port", str(port)], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            assert server.poll() is None, server.stdout.read()[-3000:]
+            try:
+                urllib.request.urlopen(url, timeout=5)
+                break
+            except OSError:
+                time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
 
 
 def test_the_logged_settings_are_the_knobs_a_user_sweeps(tmp_path):

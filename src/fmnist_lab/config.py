@@ -170,12 +170,6 @@ def validate(cfg: DictConfig, sweep_launcher: str | None = None) -> None:
     check(isinstance(augment, dict | DictConfig) and set(augment) <= {"crop_padding", "flip", "erase"}, "data.augment",
           augment, "It takes crop_padding, flip and erase (e.g. data.augment.flip=0.5); torchvision transforms "
           "for the dataloader backend go in data.transforms.")
-    from fmnist_lab.data.augment import Augment  # here: config checks stay importable without torch
-
-    try:
-        Augment(**augment)
-    except ValueError as err:
-        raise ConfigError(f"Invalid config: {err}") from err
 
     if tune := cfg.get("tune"):
         check(0 < tune.min_lr < tune.max_lr, "tune.min_lr", tune.min_lr,
@@ -229,3 +223,10 @@ def validate(cfg: DictConfig, sweep_launcher: str | None = None) -> None:
           "sweep again. Start the sweep under torchrun, which runs every rank itself (torchrun --nproc_per_node="
           f"{ranks} -m fmnist_lab -m trainer=ddp trainer.devices={ranks} hydra.sweep.dir=<dir> ...), or use "
           "hydra/launcher=slurm (one SLURM task per rank).")
+    # last: the augmentation's own checks need torch, which the checks above answer without
+    from fmnist_lab.data.augment import Augment
+
+    try:
+        Augment(**augment)
+    except ValueError as err:
+        raise ConfigError(f"Invalid config: {err}") from err

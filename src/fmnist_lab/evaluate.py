@@ -50,9 +50,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "-h" in argv or "--help" in argv:  # answered before the imports below, which load torch
         print(__doc__.strip())
         return 0
-    from fmnist_lab.data import CLASSES, DataError
-    from fmnist_lab.report import CONFUSION_PNG, MISCLASSIFIED_PNG, per_class_table
-
     try:
         # report is a string here: parse_args types a value like its default, and bool("false") is True
         options, extra, flags = parse_args(argv,
@@ -65,6 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from fmnist_lab.data import CLASSES, DataError  # torch: only once the arguments are known to be good
+    from fmnist_lab.report import CONFUSION_PNG, MISCLASSIFIED_PNG, per_class_table
+
     run = Path(options["run"])
     out = None
     if options["report"].lower() == "true":

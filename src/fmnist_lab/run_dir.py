@@ -124,9 +124,9 @@ class RunDir:
         """metrics.json says the run failed and why, keeping whatever the run measured before."""
         self.update(status="failed", error=f"{type(err).__name__}: {err}")
 
-    def mark_interrupted(self, how: str, step: int, epochs: int) -> None:
+    def mark_interrupted(self, how: str, step: int, epochs: int, **context: Any) -> None:
         """metrics.json says the run was stopped by a signal (so it is not finished), keeping what it measured."""
-        self.update(status="interrupted", error=f"{how} at step {step}", epochs=epochs, global_step=step)
+        self.update(status="interrupted", error=f"{how} at step {step}", epochs=epochs, global_step=step, **context)
 
     def update(self, **fields: Any) -> None:
         """Add `fields` to metrics.json (a status and its error, how far an unfinished run got), keeping the rest."""

@@ -288,7 +288,9 @@ def groups(runs: list[Run]) -> list[dict[str, Any]]:
     result = []
     for members in by_recipe.values():
         group = {"runs": len(members), "seeds": [r.config.get("seed") for r in members], "model": members[0].model,
-                 "overrides": " ".join(o for o in members[0].overrides if not o.startswith("seed=")),
+                 # what every run of the group was given (one may have spelled out a default another left out)
+                 "overrides": " ".join(o for o in members[0].overrides if not o.startswith("seed=")
+                                       and all(o in r.overrides for r in members)),
                  "dirs": [display(r.path) for r in members]}
         for key in ("test/acc", "val/acc_best"):
             values = [number(r.metrics.get(key)) for r in members if number(r.metrics.get(key)) is not None]

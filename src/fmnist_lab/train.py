@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import logging
 import platform
+import shlex
 import signal
 import subprocess
 import threading
@@ -143,13 +144,14 @@ def sigterm_noted():
         signal.signal(signal.SIGTERM, previous)
 
 
-def stop_if_signalled(run: RunDir, trainer: pl.Trainer, sigterm: list[int]) -> None:
-    """After a signal, whatever the phase: mark the run interrupted (it is not finished) and stop it."""
+def stop_if_signalled(run: RunDir, trainer: pl.Trainer, sigterm: list[int], context: dict[str, Any]) -> None:
+    """After a signal, whatever the phase: mark the run interrupted (it is not finished), with `context` (when it
+    started, the code that ran), and stop it."""
     if not (sigterm or trainer.received_sigterm or trainer.interrupted):
         return
     how, code = ("Ctrl-C", 130) if trainer.interrupted and not sigterm else ("SIGTERM", 128 + signal.SIGTERM)
     if trainer.is_global_zero:
-        run.mark_interrupted(how, trainer.global_step, trainer.current_epoch)
+        run.mark_interrupted(how, trainer.global_step, trainer.current_epoch, **context)
     raise Interrupted(f"{how} stopped the run at step {trainer.global_step}; {run.metrics} marks it interrupted. "
                       f"Continue it with: python -m fmnist_lab resume={run.path}", code)
 
@@ -179,6 +181,7 @@ def train(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
     source = source_version()  # before training: the code that runs, not what it is edited into meanwhile
     with distributed_job(), sigterm_noted() as sigterm:
         started = datetime.now().astimezone().isoformat(timespec="seconds")
+        context = {"started": started, "device": str(trainer.strategy.root_device), "git": source}
         start = time.perf_counter()
         try:
             trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -192,9 +195,9 @@ def train(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
                 raise
         except Exception:
             if trainer.is_global_zero:  # how far it got, for `fmnist_lab.runs`; the CLI adds the error
-                run.update(epochs=trainer.current_epoch, global_step=trainer.global_step)
+                run.update(epochs=trainer.current_epoch, global_step=trainer.global_step, **context)
             raise
-        stop_if_signalled(run, trainer, sigterm)
+        stop_if_signalled(run, trainer, sigterm, context)
         metrics = {
             "test/acc": test["test/acc"],
             "test/loss": test["test/loss"],
@@ -221,7 +224,7 @@ def train(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
         for callback in trainer.callbacks:  # e.g. the ONNX export's verification result
             metrics.update(getattr(callback, "metrics", None) or {})
         run.write_metrics(metrics)
-        stop_if_signalled(run, trainer, sigterm)  # the last moment a signal can still undo "finished"
+        stop_if_signalled(run, trainer, sigterm, context)  # the last moment a signal can still undo "finished"
         errors = [callback.error for callback in trainer.callbacks if getattr(callback, "error", None)]
         # after the run's own files: a logger may fail
         log_final(trainer.loggers, plain(cfg), metrics, run, "failed" if errors else "success")
@@ -261,7 +264,7 @@ def find_lr(cfg: DictConfig) -> dict[str, Any]:
                "finished": datetime.now().astimezone().isoformat(timespec="seconds"), "git": source_version()}
     run.write_metrics(metrics)
     overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
-    others = " ".join(o for o in overrides if not o.startswith(("tune", "lr=")))
+    others = " ".join(shlex.quote(o) for o in overrides if not o.startswith(("tune", "lr=")))
     if suggestion is None:
         print(f"no suggestion: the loss did not fall over {metrics['steps']} steps from {tune.min_lr} to "
               f"{tune.max_lr}; see {run.path / 'lr_find.png'} and try other bounds (tune.min_lr, tune.max_lr).")
