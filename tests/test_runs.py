@@ -177,6 +177,11 @@ def test_an_unfinished_run_shows_its_last_logged_epoch_and_how_to_continue(tmp_p
     assert "damaged: outputs/2026-01-01/09-00-00 (epoch -): metrics.json cannot be read (JSONDecodeError)" in out
     assert " 2/10 " in out and "CNN" in out
 
+    (run / ".hydra" / "hydra.yaml").write_text("- not: a mapping\n")  # damaged: no group choices, no crash
+    assert runs_main(["--filter", "model=cnn", "--filter", "optimizer!=sgd", "--json"]) == 0
+    assert [r["dir"] for r in json.loads(capsys.readouterr().out)] == [  # both hold a CNN config
+        "outputs/2026-01-01/10-00-00", "outputs/2026-01-01/09-00-00"]
+
     assert runs_main(["nowhere"]) == 1
     assert "nowhere is not a folder" in capsys.readouterr().err
     assert runs_main(["--filter", "model"]) == 1

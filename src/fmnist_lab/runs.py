@@ -104,9 +104,12 @@ class Run:
     @cached_property
     def choices(self) -> dict[str, Any]:
         """The option picked in each config group (model: cnn, optimizer: adamw), from .hydra/hydra.yaml."""
-        hydra = load_yaml(self.hydra / "hydra.yaml") or {}
-        choices = (hydra.get("hydra") or {}).get("runtime", {}).get("choices") or {}
-        return {k: v for k, v in choices.items() if not k.startswith("hydra/")}
+        hydra = load_yaml(self.hydra / "hydra.yaml")
+        try:
+            choices = hydra["hydra"]["runtime"]["choices"]
+            return {k: v for k, v in choices.items() if not k.startswith("hydra/")}
+        except (TypeError, KeyError, AttributeError):  # missing or damaged: no group to match
+            return {}
 
     @cached_property
     def status(self) -> str:
