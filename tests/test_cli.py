@@ -193,3 +193,9 @@ def test_evaluate_and_predict_without_their_model_say_so_and_fail(module, missin
     result = run_cli(tmp_path, module=module, check=False)
     assert result.returncode == 2 and not result.stdout
     assert result.stderr.startswith(f"error: missing {missing}") and f"usage: python -m {module} " in result.stderr
+
+
+
+def test_evaluate_out_without_report_is_refused_not_ignored(tmp_path):
+    result = run_cli(tmp_path, "run=somewhere", f"out={tmp_path}", module="fmnist_lab.evaluate", check=False)
+    assert result.returncode == 2 and "report is off: add report=true, or drop out=." in result.stderr

@@ -59,6 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"unexpected {' '.join([*extra, *flags])}.\nusage: {USAGE}")
         if options["report"].lower() not in ("true", "false"):
             raise UsageError(f"report={options['report']!r}: expected true or false.")
+        if options["out"] and options["report"].lower() != "true":
+            raise UsageError(f"out={options['out']} is where report=true writes its figures, and report is off: "
+                             "add report=true, or drop out=.")
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
