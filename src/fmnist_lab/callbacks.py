@@ -232,6 +232,7 @@ class OnnxExport(Callback):
     def __init__(self, path: str, strict: bool = True, atol: float = 1e-4, opset: int | None = None) -> None:
         self.path, self.strict, self.atol, self.opset = Path(path), strict, atol, opset
         self.metrics: dict = {}
+        self.files: list[Path] = []  # what it wrote, for loggers that keep a run's files (MLflow)
         self.error: str | None = None
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -243,6 +244,7 @@ class OnnxExport(Callback):
         export_onnx(net, self.path, {"test_acc": f"{float(test_acc):.4f}" if test_acc is not None else "unknown"},
                     self.opset)
         result = verify_onnx(net, self.path, images, self.atol)
+        self.files = [self.path]
         self.metrics = {"onnx": result}
         if not result["ok"]:
             message = (f"ONNX verification failed for {self.path}: {result['problem']}. The checkpoints are "
@@ -262,6 +264,7 @@ class RunReport(Callback):
     def __init__(self, dirpath: str) -> None:
         self.dirpath = Path(dirpath)
         self.metrics: dict = {}
+        self.files: list[Path] = []
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -286,6 +289,7 @@ class RunReport(Callback):
                 except Exception as err:
                     warn(logger, err)
         self.metrics = {key: summary[key] for key in ("test/per_class_acc", "test/macro_f1", "test/ece")}
+        self.files = [self.dirpath / CONFUSION_PNG, self.dirpath / MISCLASSIFIED_PNG]
         scalars = {f"test/acc_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}": acc  # "/" nests a tag; spaces are not allowed
                    for name, acc in summary["test/per_class_acc"].items()}
         for logger in trainer.loggers:

@@ -106,7 +106,11 @@ class RunDir:
         self.metrics = self.path / "metrics.json"
         self.weights, self.model_json = self.path / "model_weights.pth", self.path / "model.json"
         self.tensorboard = self.path / "tensorboard"
-        self.config = self.path / ".hydra" / "config.yaml"
+        self.hydra = self.path / ".hydra"  # Hydra's record: config.yaml, overrides.yaml, hydra.yaml (group choices)
+        self.config, self.overrides = self.hydra / "config.yaml", self.hydra / "overrides.yaml"
+        self.hydra_config = self.hydra / "hydra.yaml"
+        self.mlflow = self.path / "mlflow.json"  # logger=mlflow: the MLflow run this run logs into
+        self.lr_find_png, self.lr_find_json = self.path / "lr_find.png", self.path / "lr_find.json"
 
     def relative(self, path: str | None) -> str | None:
         """`path` as metrics.json records it: relative to the run, so a copied or moved run still finds it."""

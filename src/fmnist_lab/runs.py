@@ -28,6 +28,8 @@ from typing import Any
 
 import yaml
 
+from fmnist_lab.run_dir import BadFileError, RunDir, read_json
+
 Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: ~10x faster
 # keys that say where a run went or how it was watched, not what it computed: ignored by --group
 NOT_THE_RECIPE = ("seed", "resume", "paths", "logger")
@@ -72,29 +74,28 @@ class Run:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.hydra = path / ".hydra"
+        self.files = RunDir(path)
 
     @cached_property
     def metrics(self) -> dict[str, Any]:
         try:
-            metrics = json.loads((self.path / "metrics.json").read_text())
-            if not isinstance(metrics, dict):
-                return {"status": "damaged", "error": "metrics.json holds no mapping"}
-            return metrics
+            metrics = read_json(self.files.metrics)
         except FileNotFoundError:
             return {}
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            return {"status": "damaged", "error": f"metrics.json cannot be read ({type(err).__name__})"}
+        except (OSError, BadFileError) as err:  # named by the JSON or OS error underneath
+            why = type(err.__cause__ or err).__name__
+            return {"status": "damaged", "error": f"metrics.json cannot be read ({why})"}
+        return metrics if isinstance(metrics, dict) else {"status": "damaged", "error": "metrics.json holds no mapping"}
 
     @cached_property
     def overrides(self) -> list[str]:
-        overrides = load_yaml(self.hydra / "overrides.yaml")
+        overrides = load_yaml(self.files.overrides)
         return [str(o) for o in overrides] if isinstance(overrides, list) else []
 
     @cached_property
     def written(self) -> dict[str, Any]:
         """.hydra/config.yaml as Hydra saved it (interpolations unresolved), flattened to dotted keys."""
-        config = load_yaml(self.hydra / "config.yaml")
+        config = load_yaml(self.files.config)
         return flatten(config) if isinstance(config, dict) else {}
 
     @cached_property
@@ -104,7 +105,7 @@ class Run:
     @cached_property
     def choices(self) -> dict[str, Any]:
         """The option picked in each config group (model: cnn, optimizer: adamw), from .hydra/hydra.yaml."""
-        hydra = load_yaml(self.hydra / "hydra.yaml")
+        hydra = load_yaml(self.files.hydra_config)
         try:
             choices = hydra["hydra"]["runtime"]["choices"]
             return {k: v for k, v in choices.items() if not k.startswith("hydra/")}
@@ -125,7 +126,7 @@ class Run:
             return datetime.fromisoformat(self.metrics["started"]).astimezone()  # naive: local time
         except (KeyError, TypeError, ValueError):  # a run that stopped early: Hydra saved its config at the start
             try:
-                return datetime.fromtimestamp((self.hydra / "config.yaml").stat().st_mtime).astimezone()
+                return datetime.fromtimestamp(self.files.config.stat().st_mtime).astimezone()
             except OSError:
                 return datetime.fromtimestamp(0).astimezone()
 
@@ -155,7 +156,7 @@ class Run:
 
     @property
     def resumable(self) -> bool:
-        return self.status in ("interrupted", "unfinished") and (self.path / "checkpoints" / "last.ckpt").is_file()
+        return self.status in ("interrupted", "unfinished") and self.files.last.is_file()
 
     def value(self, key: str) -> Any:
         """What --filter and --sort compare: a metric, a group choice (model=cnn), a config key (lr, model.hidden)
@@ -317,7 +318,7 @@ def group_table(rows: list[dict[str, Any]]) -> str:
 
 def open_run(name: str) -> Run:
     path = Path(name).expanduser()
-    if not (path / ".hydra").is_dir():
+    if not RunDir(path).hydra.is_dir():
         raise RunsError(f"{name} is not a run directory (it has no .hydra/ folder). Name a folder that "
                         "`python -m fmnist_lab.runs` lists in its dir column.")
     return Run(path.resolve())

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from lightning.pytorch.loggers import MLFlowLogger
 
-from fmnist_lab.run_dir import is_rank_zero, write_json
+from fmnist_lab.run_dir import RunDir, is_rank_zero, write_json
 
 # Off unless a user turns it on: runs are offline, and a tracking store is no place for phoning home.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -72,7 +72,7 @@ class MLflowLogger(MLFlowLogger):
 
     def __init__(self, run_dir: str, log_dir: str, tracking_uri: str, experiment_name: str = "fmnist_lab",
                  artifact_location: str | None = None, tags: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        self.record = Path(run_dir) / "mlflow.json"
+        self.record = RunDir(run_dir).mlflow
         run_id = None
         if is_rank_zero():  # the other DDP ranks get Lightning's dummy experiment and log nothing
             run_id = self.mlflow_run(Path(run_dir), Path(log_dir), tracking_uri, experiment_name, artifact_location,
@@ -98,7 +98,7 @@ class MLflowLogger(MLFlowLogger):
                 client.create_experiment(experiment_name, artifact_location=artifact_location)
             name = str(run_dir.resolve().relative_to(log_dir.resolve())) \
                 if run_dir.resolve().is_relative_to(log_dir.resolve()) else run_dir.name
-            overrides = run_dir / ".hydra" / "overrides.yaml"  # what this run changed, as `runs` shows it
+            overrides = RunDir(run_dir).overrides  # what this run changed, as `runs` shows it
             tags = {"run_dir": str(run_dir.resolve()),
                     "overrides": " ".join(yaml.safe_load(overrides.read_text()) or []) if overrides.is_file() else "",
                     **{k: str(v) for k, v in tags.items()}}

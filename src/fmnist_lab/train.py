@@ -37,7 +37,7 @@ from fmnist_lab.config import ConfigError
 from fmnist_lab.data import CLASSES
 from fmnist_lab.gpu_step import CudaGraphs
 from fmnist_lab.models import Classifier, UnknownNetworkError
-from fmnist_lab.report import CONFUSION_PNG, MISCLASSIFIED_PNG, pyplot
+from fmnist_lab.report import pyplot
 from fmnist_lab.run_dir import Interrupted, RunDir, atomic_write, save_torch, write_json
 from fmnist_lab.tracking import MLflowLogger, swept_knobs
 
@@ -156,12 +156,24 @@ def stop_if_signalled(run: RunDir, trainer: pl.Trainer, sigterm: list[int], cont
                       f"Continue it with: python -m fmnist_lab resume={run.path}", code)
 
 
+def now() -> str:
+    """The local time with its offset, as metrics.json records when a run started and finished."""
+    return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def open_run(cfg: DictConfig) -> RunDir:
+    """The job's run directory (Hydra's; we never chdir into it), refused before any work when it cannot take
+    files, with the libraries' console noise turned down."""
+    run = RunDir(cfg.paths.output_dir)
+    run.check_writable()
+    quiet_libraries()
+    return run
+
+
 def train(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
     """Run one job and return its metrics (also written to `<run dir>/metrics.json`). With `resume`, continue
     the run in cfg.paths.output_dir from its last.ckpt: same directory, same TensorBoard run, same counters."""
-    run = RunDir(cfg.paths.output_dir)  # Hydra's run dir; we never chdir into it
-    run.check_writable()  # a read-only folder stops the run before any work
-    quiet_libraries()
+    run = open_run(cfg)
     ckpt_path, purge_step = None, None
     if resume:
         if done := run.finished():
@@ -180,7 +192,7 @@ def train(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
 
     source = source_version()  # before training: the code that runs, not what it is edited into meanwhile
     with distributed_job(), sigterm_noted() as sigterm:
-        started = datetime.now().astimezone().isoformat(timespec="seconds")
+        started = now()
         context = {"started": started, "device": str(trainer.strategy.root_device), "git": source}
         start = time.perf_counter()
         try:
@@ -213,7 +225,7 @@ def train(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
             "precision": str(trainer.precision),
             "cpu_threads": torch.get_num_threads(),
             "started": started,
-            "finished": datetime.now().astimezone().isoformat(timespec="seconds"),
+            "finished": now(),
             "versions": {"fmnist_lab": fmnist_lab.__version__, "torch": torch.__version__, "lightning": pl.__version__,
                          "python": platform.python_version()},
             "git": source,
@@ -221,13 +233,15 @@ def train(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
         if not trainer.is_global_zero:  # the other DDP ranks trained and tested; rank zero writes the results
             return {}
         save_weights(model.net, model.hparams.net, run.path, CLASSES)  # the tested (best) weights
-        for callback in trainer.callbacks:  # e.g. the ONNX export's verification result
+        files = [run.metrics, run.model_json, run.config]  # for loggers that keep a run's files
+        for callback in trainer.callbacks:  # e.g. the ONNX export's verification result and its model.onnx
             metrics.update(getattr(callback, "metrics", None) or {})
+            files += getattr(callback, "files", None) or []
         run.write_metrics(metrics)
         stop_if_signalled(run, trainer, sigterm, context)  # the last moment a signal can still undo "finished"
         errors = [callback.error for callback in trainer.callbacks if getattr(callback, "error", None)]
         # after the run's own files: a logger may fail
-        log_final(trainer.loggers, plain(cfg), metrics, run, "failed" if errors else "success")
+        log_final(trainer.loggers, plain(cfg), metrics, files, "failed" if errors else "success")
         if errors:  # after metrics.json, so the failed run still records everything it measured
             raise ArtifactError(" ".join(errors))
         report(run, metrics, tensorboard=any("tensorboard" in type(lg).__name__.lower() for lg in trainer.loggers))
@@ -238,15 +252,13 @@ def find_lr(cfg: DictConfig) -> dict[str, Any]:
     """tune=lr_find: Lightning's learning-rate range test on the run's model and data, instead of training. Writes
     lr_find.png (loss against rate, the suggestion marked), lr_find.json and metrics.json into the run directory
     and prints the suggested rate with the command that trains with it."""
-    run = RunDir(cfg.paths.output_dir)
-    run.check_writable()
-    quiet_libraries()
+    run = open_run(cfg)
     if cfg.seed is not None:
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
     # the finder trains throw-away steps: no checkpoints, curves or report of them
     datamodule, model, trainer = build(OmegaConf.merge(cfg, {"logger": None, "callbacks": None}))
     tune = cfg.tune
-    started = datetime.now().astimezone().isoformat(timespec="seconds")
+    started = now()
     finder = Tuner(trainer).lr_find(model, datamodule=datamodule, min_lr=tune.min_lr, max_lr=tune.max_lr,
                                     num_training=tune.num_training, mode=tune.mode,
                                     early_stop_threshold=tune.early_stop_threshold, update_attr=False)
@@ -256,20 +268,20 @@ def find_lr(cfg: DictConfig) -> dict[str, Any]:
     plt = pyplot()
     figure = finder.plot(suggest=suggestion is not None, show=False)
     figure.axes[0].set_title(f"suggested lr: {suggestion:.3g}" if suggestion else "no suggestion")
-    atomic_write(run.path / "lr_find.png", lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    atomic_write(run.lr_find_png, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
     plt.close(figure)
-    write_json(run.path / "lr_find.json", {"suggestion": suggestion, **plain(tune), **finder.results})
+    write_json(run.lr_find_json, {"suggestion": suggestion, **plain(tune), **finder.results})
     metrics = {"task": "lr_find", "lr_suggestion": suggestion, "steps": len(finder.results["lr"]), "seed": cfg.seed,
                "device": str(trainer.strategy.root_device), "started": started,
-               "finished": datetime.now().astimezone().isoformat(timespec="seconds"), "git": source_version()}
+               "finished": now(), "git": source_version()}
     run.write_metrics(metrics)
     overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
     others = " ".join(shlex.quote(o) for o in overrides if not o.startswith(("tune", "lr=")))
     if suggestion is None:
         print(f"no suggestion: the loss did not fall over {metrics['steps']} steps from {tune.min_lr} to "
-              f"{tune.max_lr}; see {run.path / 'lr_find.png'} and try other bounds (tune.min_lr, tune.max_lr).")
+              f"{tune.max_lr}; see {run.lr_find_png} and try other bounds (tune.min_lr, tune.max_lr).")
     else:
-        print(f"suggested lr: {suggestion:.3g} (the loss's steepest descent; plot: {run.path / 'lr_find.png'})\n"
+        print(f"suggested lr: {suggestion:.3g} (the loss's steepest descent; plot: {run.lr_find_png})\n"
               f"train with it: python -m fmnist_lab lr={suggestion:.3g} {others}".rstrip())
     return metrics
 
@@ -292,7 +304,7 @@ def source_version() -> dict[str, Any] | None:
     return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
 
 
-def log_final(loggers: list, config: dict, metrics: dict, run: RunDir, status: str) -> None:
+def log_final(loggers: list, config: dict, metrics: dict, files: list[Path], status: str) -> None:
     """The job's settings and final numbers to every logger, through each logger's public API. TensorBoard's
     HPARAMS tab shows them side by side (as hp/* scalars, so the real curves keep only their real points), and
     one `tensorboard --logdir <sweep dir>` compares every job; MLflow also gets the run's files. A logger that
@@ -307,8 +319,7 @@ def log_final(loggers: list, config: dict, metrics: dict, run: RunDir, status: s
                 numbers = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
                 logger.log_metrics({k: v for k, v in numbers.items() if k not in ("seed", "cpu_threads")},
                                    step=metrics["global_step"])
-                logger.log_files([run.metrics, run.path / "model.onnx", run.model_json, run.config,
-                                  *(run.path / name for name in (CONFUSION_PNG, MISCLASSIFIED_PNG))])
+                logger.log_files(files)
             elif "metrics" in inspect.signature(logger.log_hyperparams).parameters:
                 logger.log_hyperparams(hparams, final)
             else:  # e.g. CSVLogger: the parameters, then the numbers as one more row
