@@ -25,8 +25,9 @@ data:
 run: setup
 	$(PY) -m fmnist_lab $(ARGS)
 
+# One worker per core (tests/conftest.py gives each one CPU thread); PYTEST_ARGS="-n 0" runs them in one process.
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n auto --dist loadfile $(PYTEST_ARGS)
 
 # Side-by-side training speed (scripts/bench.py); on a GPU: make bench BENCH_ARGS="--device cuda"
 bench: setup

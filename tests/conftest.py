@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 import subprocess
 import sys
@@ -16,6 +17,15 @@ from fmnist_lab.cli import config_dir
 from fmnist_lab.data import DEBIAN_ROOT, FILES, IMAGE_MAGIC, LABEL_MAGIC
 
 REAL_ROOT = DEBIAN_ROOT
+
+
+def pytest_configure(config):
+    # Under pytest-xdist (make test) every core runs a worker: each worker, and every process its tests start,
+    # gets one CPU thread. Two threads per process on two busy cores made the suite slower than running it in
+    # one process, as OpenMP's threads spin waiting for cores that the other worker holds.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 def idx_bytes(data: torch.Tensor, magic: int) -> bytes:
