@@ -55,15 +55,21 @@ def run_job(cfg: DictConfig, sweep_launcher: str | None) -> tuple[float | None, 
     run = RunDir(cfg.paths.output_dir)
     try:
         validate(cfg, sweep_launcher)
-        from fmnist_lab.train import train
-
         if cfg.resume is not None:  # continue with the config the run was started with (Hydra is in its directory)
             others = [o for o in HydraConfig.get().overrides.task if not o.startswith("resume=")]
             if others:
                 log.warning(f"resume uses the run's own config; ignoring {' '.join(others)}")
+            # the checks that need no torch answer first: a finished, damaged or foreign run in a fraction of a second
             config = run.load_config()
             untrusted_targets(config, run.config)  # a run folder may come from elsewhere: it names no code
-            metrics = train(config, resume=True)
+            if metrics := run.finished():
+                done = (f"{metrics['epochs']} epochs, test/acc {metrics['test/acc']:.4f}" if "test/acc" in metrics
+                        else f"task {metrics.get('task')}")
+                print(f"{run.path} already finished ({done}); nothing to resume.")
+            else:
+                from fmnist_lab.train import train
+
+                metrics = train(config, resume=True)
         elif cfg.get("tune"):
             from fmnist_lab.train import find_lr
 
@@ -76,6 +82,8 @@ def run_job(cfg: DictConfig, sweep_launcher: str | None) -> tuple[float | None, 
             if metrics.get("status") == "failed":
                 return None, metrics.get("error", "failed"), 1
         else:
+            from fmnist_lab.train import train
+
             # A sweep job that stopped (a signal, a kill, a requeued SLURM job) continues from its last.ckpt in
             # its own folder; one that stopped before its first checkpoint starts again.
             metrics = train(cfg, resume=sweep_launcher is not None and run.last.is_file())

@@ -175,11 +175,7 @@ def train(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
     the run in cfg.paths.output_dir from its last.ckpt: same directory, same TensorBoard run, same counters."""
     run = open_run(cfg)
     ckpt_path, purge_step = None, None
-    if resume:
-        if done := run.finished():
-            print(f"{run.path} already finished ({done['epochs']} epochs, test/acc {done['test/acc']:.4f}); "
-                  "nothing to resume.")
-            return done
+    if resume:  # an unfinished run (the CLI answers for a finished one)
         ckpt_path, purge_step = run.resume_point()
         log.info(f"resuming {run.path} from {ckpt_path} (step {purge_step})")
     if cfg.seed is not None:  # `if cfg.seed` would silently drop seed=0
