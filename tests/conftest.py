@@ -72,10 +72,15 @@ def compose_cfg(*overrides: str, output_dir: Path | str = "unused"):
         return compose("train", overrides=[f"paths.output_dir={output_dir}", *overrides])
 
 
-def run_cli(cwd: Path, *args: str, module: str = "fmnist_lab", check: bool = True, timeout: int = 600):
-    """`python -m <module> <args>` in `cwd`, as a user runs it."""
-    result = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
-                            timeout=timeout)
+def run_cli(cwd: Path, *args: str, module: str = "fmnist_lab", check: bool = True, timeout: int = 600,
+            blocked: tuple[str, ...] = ()):
+    """`python -m <module> <args>` in `cwd`, as a user runs it; the `blocked` packages (torch, ...) cannot be
+    imported: for what must answer before they load."""
+    command = [sys.executable, "-m", module, *args]
+    if blocked:
+        command[1:] = ["-c", f"import runpy, sys; sys.modules.update(dict.fromkeys({blocked!r})); "
+                             f"sys.argv = [{module!r}, *{args!r}]; runpy.run_module({module!r}, run_name='__main__')"]
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result

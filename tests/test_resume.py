@@ -25,6 +25,7 @@ from fmnist_lab.run_dir import ResumeError, RunDir, atomic_write, find_run
 
 # 200 batches of 128 a epoch: a second or so, long enough to stop in the middle of epoch 2
 # without the ONNX export and the test report, which these tests are not about
+NO_TORCH = ("torch", "lightning")  # what a finished, damaged or foreign run is answered without
 QUICK = ["device=cpu", "~callbacks.onnx_export", "~callbacks.report", "trainer.log_every_n_steps=20",
          "trainer.limit_train_batches=200", "trainer.limit_val_batches=2"]
 
@@ -57,13 +58,6 @@ def finished_run(synthetic_root, tmp_path_factory) -> Path:
 def copy_run(run: Path, to: Path) -> Path:
     shutil.copytree(run, to)
     return to
-
-
-def without_torch(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    """`python -m fmnist_lab <args>` with torch and Lightning unimportable: what must answer before they load."""
-    code = ("import runpy, sys; sys.modules.update(dict.fromkeys(('torch', 'lightning'))); "
-            f"sys.argv = ['fmnist_lab', *{args!r}]; runpy.run_module('fmnist_lab', run_name='__main__')")
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=60)
 
 
 def train_loss_steps(run: Path) -> list[int]:
@@ -153,7 +147,7 @@ def test_a_write_that_fails_half_way_keeps_the_previous_file_whole(tmp_path):
 def test_resume_refuses_finished_missing_and_damaged_runs(finished_run, tmp_path):
     run = copy_run(finished_run, tmp_path / "run")
     before = (run / "metrics.json").read_text()
-    finished = without_torch(tmp_path, f"resume={run}")  # answered before torch loads
+    finished = run_cli(tmp_path, f"resume={run}", check=False, blocked=NO_TORCH)  # answered before torch loads
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert f"{run} already finished (3 epochs, test/acc " in finished.stdout
     assert (run / "metrics.json").read_text() == before
@@ -253,7 +247,7 @@ def test_damaged_run_files_are_named_by_resume_and_evaluate(synthetic_root, fini
     metrics = (run / "metrics.json").read_text()
 
     (run / "metrics.json").write_text(metrics[: len(metrics) // 2])  # cut off mid-write by something else
-    result = without_torch(tmp_path, f"resume={run}")
+    result = run_cli(tmp_path, f"resume={run}", check=False, blocked=NO_TORCH)
     assert result.returncode == 1 and f"{run / 'metrics.json'} is damaged" in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -263,7 +257,7 @@ def test_damaged_run_files_are_named_by_resume_and_evaluate(synthetic_root, fini
     assert "the run is marked failed (FloatingPointError: nan), so it recorded no test/acc" in capsys.readouterr().out
 
     (run / ".hydra" / "config.yaml").write_text("data: [unclosed\n")
-    result = without_torch(tmp_path, f"resume={run}")
+    result = run_cli(tmp_path, f"resume={run}", check=False, blocked=NO_TORCH)
     assert result.returncode == 1 and f"{run / '.hydra' / 'config.yaml'} is damaged" in result.stderr
     assert evaluate_main([f"run={run}"]) == 1 and "config.yaml is damaged" in capsys.readouterr().err
 
@@ -283,7 +277,7 @@ def test_resume_runs_no_code_that_a_saved_config_names(finished_run, tmp_path):
                             "    mode: w\n", 1)
     assert crafted != saved
     (run / ".hydra" / "config.yaml").write_text(crafted)
-    result = without_torch(tmp_path, f"resume={run}")
+    result = run_cli(tmp_path, f"resume={run}", check=False, blocked=NO_TORCH)
     assert result.returncode == 1 and "callbacks.pwn._target_=builtins.open" in result.stderr
     assert not (tmp_path / "PWNED").exists() and "Traceback" not in result.stderr
 

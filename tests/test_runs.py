@@ -10,7 +10,6 @@ import shutil
 import signal
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -150,11 +149,8 @@ def test_runs_diff_shows_the_differing_keys_and_both_runs_metrics(tree):
 @pytest.mark.slow
 def test_runs_needs_neither_torch_nor_hydra(tree):
     blocked = ("torch", "lightning", "hydra", "omegaconf")
-    code = (f"import sys; sys.modules.update(dict.fromkeys({blocked!r})); "
-            "from fmnist_lab.runs import main; sys.exit(main(['--group']) + main(['--last', '3']))")
-    result = subprocess.run([sys.executable, "-c", code], cwd=tree, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert "± " in result.stdout and "seed=2" in result.stdout
+    assert "± " in run_cli(tree, "--group", module="fmnist_lab.runs", blocked=blocked).stdout
+    assert "seed=2" in run_cli(tree, "--last", "3", module="fmnist_lab.runs", blocked=blocked).stdout
 
 
 def test_an_unfinished_run_shows_its_last_logged_epoch_and_how_to_continue(tmp_path, capsys, monkeypatch):

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fmnist_lab.predict import UsageError, parse_args
+from fmnist_lab.predict import UsageError, asked_for_help, parse_args
 from fmnist_lab.run_dir import RunDir
 
 USAGE = __doc__.split("\n\n")[1].removeprefix("usage: ")
@@ -47,8 +47,7 @@ def evaluate(run: str | Path, root: str | None = None, device: str = "auto", out
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if "-h" in argv or "--help" in argv:  # answered before the imports below, which load torch
-        print(__doc__.strip())
+    if asked_for_help(argv, __doc__):  # before the imports below, which load torch
         return 0
     try:
         # report is a string here: parse_args types a value like its default, and bool("false") is True

@@ -30,6 +30,14 @@ class UsageError(ValueError):
     """A bad command line: says which argument and what is expected."""
 
 
+def asked_for_help(argv: Sequence[str], doc: str) -> bool:
+    """-h or --help: print the module's help (`doc`) and say so; answered before anything loads torch."""
+    if "-h" in argv or "--help" in argv:
+        print(doc.strip())
+        return True
+    return False
+
+
 def parse_args(argv: Sequence[str], options: dict[str, object], usage: str) -> tuple[dict, list[str], set[str]]:
     """Split `key=value` options (typed like their defaults; None means str), `--flags` and positional paths."""
     values, paths, flags = dict(options), [], set()
@@ -140,8 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     argv = sys.argv[1:] if argv is None else argv
-    if "-h" in argv or "--help" in argv:
-        print(__doc__.strip())
+    if asked_for_help(argv, __doc__):
         return 0
     try:
         options, paths, flags = parse_args(argv, {"model": None, "top_k": 3}, USAGE)

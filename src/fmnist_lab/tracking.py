@@ -8,7 +8,6 @@ params), and `MLflowLogger`, Lightning's MLFlowLogger on an offline SQLite store
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 from collections.abc import Iterable
 from contextlib import contextmanager
@@ -18,7 +17,7 @@ from typing import Any
 import yaml
 from lightning.pytorch.loggers import MLFlowLogger
 
-from fmnist_lab.run_dir import RunDir, is_rank_zero, write_json
+from fmnist_lab.run_dir import BadFileError, RunDir, is_rank_zero, read_json, write_json
 
 # Off unless a user turns it on: runs are offline, and a tracking store is no place for phoning home.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -85,8 +84,8 @@ class MLflowLogger(MLFlowLogger):
         from mlflow.tracking import MlflowClient
 
         try:
-            earlier = json.loads(self.record.read_text()) if self.record.is_file() else {}
-        except (OSError, ValueError):
+            earlier = read_json(self.record) if self.record.is_file() else {}
+        except (OSError, BadFileError):  # damaged: this run starts a new MLflow run
             earlier = {}
         with store_lock(tracking_uri):
             client = MlflowClient(tracking_uri)
