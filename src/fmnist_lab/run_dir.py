@@ -8,15 +8,21 @@ ONNX path to the callbacks that write them.
 from __future__ import annotations
 
 import errno
+import fcntl
 import io
 import itertools
 import json
 import os
+import stat
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+# BadFileError and read_json are imported from here by every reader of a run's files
+from fmnist_lab.untrusted import BadFileError, check_yaml, read_json, read_text, unsafe_interpolations  # noqa: F401
 
 
 def is_rank_zero() -> bool:
@@ -27,20 +33,6 @@ def is_rank_zero() -> bool:
 
 class ResumeError(RuntimeError):
     """A run cannot be continued: no checkpoint, or a damaged one."""
-
-
-class BadFileError(ValueError):
-    """A file of a run or a model that cannot be used (damaged, not what it should be, or not fmnist_lab's);
-    the message names the file and says why."""
-
-
-def read_json(path: Path) -> Any:
-    """A JSON file of a run or a model (metrics.json, model.json); BadFileError naming it when it is damaged."""
-    try:
-        return json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BadFileError(f"{path} is damaged: it is not valid JSON ({err}). Restore it from a copy, or, for "
-                             "a run's metrics.json, delete it and continue the run with resume=<run dir>.") from err
 
 
 class Interrupted(Exception):
@@ -78,6 +70,13 @@ def save_torch(obj: Any, path: Path) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
 
 
+class RunBusyError(RuntimeError):
+    """Another live process writes the run directory; nothing was done to it."""
+
+
+WRITING: dict[Path, int] = {}  # run directory -> the file descriptor of its writer lock, while this process holds it
+
+
 class RunDirError(OSError):
     """The run directory cannot be written (read-only, full); the message names the path and what to do."""
 
@@ -111,6 +110,68 @@ class RunDir:
         self.hydra_config = self.hydra / "hydra.yaml"
         self.mlflow = self.path / "mlflow.json"  # logger=mlflow: the MLflow run this run logs into
         self.lr_find_png, self.lr_find_json = self.path / "lr_find.png", self.path / "lr_find.json"
+        self.writer_lock = self.path / ".writer.lock"  # flock'ed by the one process writing the run, with its pid
+
+    def writer(self) -> int | None:
+        """The pid of the live process that writes this run (this one included), else None. Creates nothing."""
+        try:
+            fd = os.open(self.writer_lock, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # granted: nobody holds it exclusively
+            return None
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else -1  # -1: held, by a process that has not written its pid yet
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+
+    def busy_message(self, pid: int | None) -> str:
+        who = f"process {pid}" if pid and pid > 0 else "another process"
+        return (f"{self.path} is being written by {who}, a run or sweep job that is still going; a run folder has "
+                f"one writer at a time, so nothing was done to it. Wait for it to end (python -m fmnist_lab.runs "
+                f"shows it as running), or stop it{f' (kill {pid})' if pid and pid > 0 else ''} and then continue "
+                f"it with: python -m fmnist_lab resume={self.path}")
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """This process is the run's one writer while the block runs; RunBusyError, before anything is written,
+        when a live process is already. The lock (flock) goes with the process however it ends, even killed."""
+        key = self.path.resolve()
+        if key in WRITING:  # this process holds it already
+            yield
+            return
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.writer_lock, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o644)
+        except OSError as err:
+            raise RunDirError(err.errno, f"{self.path} is not writable ({err.strerror}): a run writes its "
+                              "checkpoints and results there. Choose another folder with paths.log_dir=... or "
+                              "hydra.run.dir=..., or fix its permissions.") from err
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise RunBusyError(f"{self.writer_lock} is not a regular file; remove it, then start again.")
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunBusyError(self.busy_message(self.writer())) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        WRITING[key] = fd
+        try:
+            yield
+        finally:
+            del WRITING[key]
+            os.close(fd)  # releases the lock
 
     def relative(self, path: str | None) -> str | None:
         """`path` as metrics.json records it: relative to the run, so a copied or moved run still finds it."""
@@ -119,7 +180,7 @@ class RunDir:
         return Path(path).relative_to(self.path).as_posix() if Path(path).is_relative_to(self.path) else str(path)
 
     def read_metrics(self) -> dict[str, Any]:
-        return read_json(self.metrics) if self.metrics.is_file() else {}
+        return read_json(self.metrics) if self.metrics.exists() else {}  # a FIFO or folder there: BadFileError
 
     def write_metrics(self, metrics: dict[str, Any]) -> None:
         write_json(self.metrics, metrics)
@@ -153,16 +214,26 @@ class RunDir:
                               "hydra.run.dir=..., or fix its permissions.") from err
 
     def load_config(self) -> Any:
-        """The run's resolved config (.hydra/config.yaml); BadFileError naming it when it is damaged."""
+        """The run's saved config (.hydra/config.yaml), read as an untrusted file: BadFileError naming it when it
+        is damaged, a FIFO, huge, uses YAML aliases, or has interpolations other than key references and
+        side-effect-free resolvers (fmnist_lab.untrusted)."""
         from omegaconf import DictConfig, OmegaConf
 
+        text = read_text(self.config)
+        check_yaml(text, self.config)
         try:
-            config = OmegaConf.load(self.config)
+            config = OmegaConf.create(text)
         except Exception as err:  # YAML and OmegaConf errors share no public base class
             raise BadFileError(f"{self.config} is damaged ({type(err).__name__}); the run cannot be continued or "
                                "re-evaluated from its config. Restore the file, or start a new run.") from err
         if not isinstance(config, DictConfig):
             raise BadFileError(f"{self.config} is damaged: it holds no config mapping.")
+        unsafe = unsafe_interpolations(OmegaConf.to_container(config, resolve=False))
+        if unsafe:
+            raise BadFileError(f"{self.config} has interpolations that fmnist_lab does not resolve in a saved config "
+                               f"({'; '.join(unsafe[:3])}): only references to other keys and the resolvers "
+                               "fmnist_lab's own configs use are allowed, so no file can build objects or run "
+                               "code. Start a new run with the same overrides instead.")
         return config
 
     def finished(self) -> dict[str, Any]:
