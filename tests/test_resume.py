@@ -21,7 +21,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import compose_cfg, only_run_dir, run_cli
 from fmnist_lab.config import ConfigError, validate
 from fmnist_lab.evaluate import main as evaluate_main
-from fmnist_lab.run_dir import ResumeError, RunDir, atomic_write, find_run
+from fmnist_lab.run_dir import RUN_STAMP, ResumeError, RunDir, atomic_write, find_run
 
 # 200 batches of 128 a epoch: a second or so, long enough to stop in the middle of epoch 2
 # without the ONNX export and the test report, which these tests are not about
@@ -77,15 +77,18 @@ def test_resume_latest_finds_the_newest_run_with_a_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_last_ckpt_and_the_resumed_run_ends_like_an_uninterrupted_one(synthetic_root, finished_run,
-                                                                                    tmp_path):
+@pytest.mark.parametrize("sig, loggers", [(signal.SIGTERM, "[tensorboard,mlflow]"), (signal.SIGINT, "tensorboard")],
+                         ids=["SIGTERM", "Ctrl-C"])
+def test_a_signal_saves_last_ckpt_and_the_resumed_run_ends_like_an_uninterrupted_one(synthetic_root, finished_run,
+                                                                                     tmp_path, sig, loggers):
     """Exact resume, RNG streams included: with dropout, the weights at the end of the last epoch (trained
-    after the resume) and that epoch's validation numbers equal those of a run never stopped."""
+    after the resume) and that epoch's validation numbers equal those of a run never stopped. Ctrl-C lands
+    anywhere in a step (forward, backward, optimizer), and must still stop where a checkpoint resumes exactly."""
     common = [f"data.root={synthetic_root}", "model.dropout=0.2", *QUICK]
     straight = finished_run
     (tmp_path / "stopped").mkdir()  # also into MLflow, which must go on in the same MLflow run
-    stopped = start_and_signal(tmp_path / "stopped", signal.SIGTERM, *common, "logger=[tensorboard,mlflow]")
-    assert stopped.returncode == 128 + signal.SIGTERM
+    stopped = start_and_signal(tmp_path / "stopped", sig, *common, f"logger={loggers}")
+    assert stopped.returncode == (130 if sig == signal.SIGINT else 128 + signal.SIGTERM), stopped.stderr[-2000:]
     run = only_run_dir(tmp_path / "stopped")
     assert f"Continue with: python -m fmnist_lab resume={run}" in stopped.stderr
     step = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
@@ -108,6 +111,8 @@ def test_sigterm_saves_last_ckpt_and_the_resumed_run_ends_like_an_uninterrupted_
     last_epoch = [last_scalars(r, ("val/loss", "val/acc", "train/loss_epoch")) for r in (straight, run)]
     assert last_epoch[0] == last_epoch[1]
 
+    if "mlflow" not in loggers:
+        return
     client = MlflowClient(f"sqlite:///{tmp_path / 'stopped' / 'outputs' / 'mlflow.db'}")
     (tracked,) = client.search_runs([client.get_experiment_by_name("fmnist_lab").experiment_id])
     assert tracked.info.status == "FINISHED" and tracked.data.metrics["test/acc"] == pytest.approx(b["test/acc"])
@@ -156,10 +161,10 @@ def test_resume_refuses_finished_missing_and_damaged_runs(finished_run, tmp_path
     (run / "checkpoints" / "last.ckpt").write_bytes(b"half a checkpoint")
     damaged = run_cli(tmp_path, f"resume={run}", check=False)
     assert damaged.returncode == 1 and f"{run / 'checkpoints' / 'last.ckpt'} cannot be read" in damaged.stderr
+    assert "Traceback" not in damaged.stderr and "weights_only" not in damaged.stderr  # none of torch's advice
     (run / "checkpoints" / "last.ckpt").unlink()
     with pytest.raises(ResumeError, match=r"has no checkpoints/last.ckpt .* nothing to continue"):
-        RunDir(run).resume_point()  # in-process: the same check the CLI makes, without another start-up
-    assert "Traceback" not in damaged.stderr
+        RunDir(run).resume_point("any")  # in-process: the same check the CLI makes, without another start-up
     with pytest.raises(ConfigError, match=r"resume=.*nope.* not a run directory"):
         validate(compose_cfg(f"resume={tmp_path / 'nope'}"))  # the CLI prints this paragraph and exits 1
 
@@ -267,6 +272,27 @@ def test_damaged_run_files_are_named_by_resume_and_evaluate(synthetic_root, fini
 
 
 @pytest.mark.slow
+def test_resume_takes_only_the_runs_own_checkpoint(finished_run, tmp_path):
+    """A last.ckpt that another run wrote (another config, another architecture), or one that says nothing of
+    its run, is refused in one paragraph; the run's own checkpoints resume."""
+    run = copy_run(finished_run, tmp_path / "run")
+    (run / "metrics.json").unlink()
+    own = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    foreign = {**own, RUN_STAMP: {"config": "0" * 64}}
+    cnn = {**foreign, "hyper_parameters": {**own["hyper_parameters"], "net": {"_target_": "fmnist_lab.models.CNN"}}}
+    unstamped = {k: v for k, v in own.items() if k != RUN_STAMP}
+    for checkpoint in (foreign, cnn, unstamped):
+        torch.save(checkpoint, run / "checkpoints" / "last.ckpt")
+        with pytest.raises(ResumeError, match=r"last.ckpt was not written by this run.*own last.ckpt back"):
+            RunDir(run).resume_point(own[RUN_STAMP]["config"])
+    result = run_cli(tmp_path, f"resume={run}", check=False)
+    assert result.returncode == 1 and "was not written by this run" in result.stderr
+    assert "Traceback" not in result.stderr and not (run / "metrics.json").exists()
+    torch.save(own, run / "checkpoints" / "last.ckpt")
+    assert RunDir(run).resume_point(own[RUN_STAMP]["config"])[1] == own["global_step"]
+
+
+@pytest.mark.slow
 def test_resume_runs_no_code_that_a_saved_config_names(finished_run, tmp_path):
     """A run folder may come from elsewhere: a _target_ in its .hydra/config.yaml that fmnist_lab's configs do
     not name is refused (here a "callback" that would create a file)."""
@@ -280,6 +306,53 @@ def test_resume_runs_no_code_that_a_saved_config_names(finished_run, tmp_path):
     result = run_cli(tmp_path, f"resume={run}", check=False, blocked=NO_TORCH)
     assert result.returncode == 1 and "callbacks.pwn._target_=builtins.open" in result.stderr
     assert not (tmp_path / "PWNED").exists() and "Traceback" not in result.stderr
+
+
+OPEN = "{_target_: builtins.open, file: PWNED, mode: w}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("entry", [f"pwn: '${{oc.create:{OPEN}}}'",  # builds a callback to instantiate
+                                   "pwn: '${oc.decode:\"{_target_: builtins.open, file: PWNED, mode: w}\"}'",
+                                   f"how: oc.create\n  pwn: '${{${{.how}}:{OPEN}}}'",  # a resolver named by a key
+                                   "pwn: ${oc.env:HOME}"],  # reads this machine's environment
+                         ids=["oc.create", "oc.decode", "interpolated-name", "oc.env"])
+def test_a_saved_configs_interpolations_build_nothing(finished_run, tmp_path, entry):
+    """Interpolations in a saved config are resolved only when they refer to other keys or call a resolver
+    that only computes a value: resume and evaluate refuse the others before anything is built."""
+    run = copy_run(finished_run, tmp_path / "run")
+    (run / "metrics.json").unlink()
+    saved = (run / ".hydra" / "config.yaml").read_text()
+    (run / ".hydra" / "config.yaml").write_text(saved.replace("callbacks:\n", f"callbacks:\n  {entry}\n", 1))
+    for command in ([f"resume={run}"], [f"run={run}", "device=cpu"]):
+        module = "fmnist_lab" if command[0].startswith("resume") else "fmnist_lab.evaluate"
+        result = run_cli(tmp_path, *command, module=module, check=False)
+        assert result.returncode == 1 and "has interpolations that fmnist_lab does not resolve" in result.stderr
+        assert "Traceback" not in result.stderr and not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.slow
+def test_resume_refuses_alias_bombs_and_fifos_at_once(finished_run, tmp_path):
+    """A saved config of nested YAML aliases (a few hundred bytes that expand to gigabytes), or a FIFO in place
+    of a run's file, is refused in one paragraph: nothing waits, nothing grows."""
+    run = copy_run(finished_run, tmp_path / "run")
+    (run / "metrics.json").unlink()
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+        f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n" for i in range(9))
+    config = run / ".hydra" / "config.yaml"
+    saved = config.read_text()
+    config.write_text(saved + bomb)
+    result = run_cli(tmp_path, f"resume={run}", check=False, timeout=60, blocked=NO_TORCH)
+    assert result.returncode == 1 and "uses YAML anchors or aliases" in result.stderr, result.stderr[-2000:]
+    for name in ("metrics.json", ".hydra/config.yaml"):
+        config.write_text(saved)
+        (run / name).unlink(missing_ok=True)
+        os.mkfifo(run / name)
+        result = run_cli(tmp_path, f"resume={run}", check=False, timeout=60, blocked=NO_TORCH)
+        assert result.returncode == 1 and f"{run / name} is a FIFO, not a file" in result.stderr
+        assert "Traceback" not in result.stderr
+        (run / name).unlink()
 
 
 def mounted(folder: Path, options: str):

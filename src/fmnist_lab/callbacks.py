@@ -1,4 +1,4 @@
-"""Callbacks the configs in `conf/callbacks/` name."""
+"""Callbacks the configs in `conf/callbacks/` name, and RunStamp, which every training run has."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fmnist_lab.artifacts import export_onnx, first_images, verify_onnx
 from fmnist_lab.data import CLASSES, DeviceLoader
 from fmnist_lab.report import CONFUSION_PNG, MISCLASSIFIED_PNG, predict_split, write_report
+from fmnist_lab.run_dir import RUN_STAMP
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +199,9 @@ class RunCheckpoint(ModelCheckpoint):
 
 
 class SaveOnInterrupt(Callback):
-    """Ctrl-C or SIGTERM during training: save `last.ckpt` where training stopped, say how to resume."""
+    """SIGTERM (or a first Ctrl-C, which the job turns into one) during training: save `last.ckpt` where training
+    stopped, at the end of a batch, and say how to resume. A second Ctrl-C stops anywhere inside a step, where
+    no checkpoint would resume exactly: the last end-of-epoch last.ckpt stands."""
 
     def __init__(self, dirpath: str) -> None:
         self.dirpath = Path(dirpath)
@@ -206,12 +209,29 @@ class SaveOnInterrupt(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, KeyboardInterrupt | SIGTERMException) or trainer.state.fn != "fit":
             return
+        path = self.dirpath / "last.ckpt"
+        resume = f"Continue with: python -m fmnist_lab resume={self.dirpath.parent}"
+        if isinstance(exception, KeyboardInterrupt):
+            kept = f"{path} from the end of the last epoch is kept" if path.is_file() else "no epoch ended yet"
+            print(f"\nStopped at once at step {trainer.global_step}, inside a training step; {kept}.\n"
+                  + (resume if path.is_file() else ""), file=sys.stderr, flush=True)
+            return
         if trainer.world_size > 1:  # saving is collective and the other ranks may be gone: resume from the
             return                  # last epoch's last.ckpt instead
-        path = self.dirpath / "last.ckpt"
         trainer.save_checkpoint(path)
         print(f"\nInterrupted at step {trainer.global_step} (epoch {trainer.current_epoch + 1}); saved {path}.\n"
-              f"Continue with: python -m fmnist_lab resume={self.dirpath.parent}", file=sys.stderr, flush=True)
+              f"{resume}", file=sys.stderr, flush=True)
+
+
+class RunStamp(Callback):
+    """Every checkpoint says which run wrote it (the hash of the run's config), so that resume takes only the
+    run's own (run_dir.RunDir.resume_point)."""
+
+    def __init__(self, identity: str) -> None:
+        self.identity = identity
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        checkpoint[RUN_STAMP] = {"config": self.identity}
 
 
 def progress(refresh_rate: int = 10) -> EpochProgress:

@@ -10,10 +10,14 @@ from __future__ import annotations
 import errno
 import logging
 import math
+import shutil
 import sys
+from contextlib import nullcontext, suppress
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from fmnist_lab.config import ConfigError, config_dir, register, untrusted_targets, validate
@@ -21,8 +25,10 @@ from fmnist_lab.run_dir import (
     BadFileError,
     Interrupted,
     ResumeError,
+    RunBusyError,
     RunDir,
     RunDirError,
+    created_here,
     describe_write_error,
     is_rank_zero,
 )
@@ -54,59 +60,92 @@ def run_job(cfg: DictConfig, sweep_launcher: str | None) -> tuple[float | None, 
     exit code: 1, or 143/130 for a run a signal stopped)."""
     run = RunDir(cfg.paths.output_dir)
     try:
-        validate(cfg, sweep_launcher)
-        if cfg.resume is not None:  # continue with the config the run was started with (Hydra is in its directory)
-            others = [o for o in HydraConfig.get().overrides.task if not o.startswith("resume=")]
-            if others:
-                log.warning(f"resume uses the run's own config; ignoring {' '.join(others)}")
-            # the checks that need no torch answer first: a finished, damaged or foreign run in a fraction of a second
-            config = run.load_config()
-            untrusted_targets(config, run.config)  # a run folder may come from elsewhere: it names no code
-            if metrics := run.finished():
-                done = (f"{metrics['epochs']} epochs, test/acc {metrics['test/acc']:.4f}" if "test/acc" in metrics
-                        else f"task {metrics.get('task')}")
-                print(f"{run.path} already finished ({done}); nothing to resume.")
-            else:
-                from fmnist_lab.train import train
-
-                metrics = train(config, resume=True)
-        elif cfg.get("tune"):
-            from fmnist_lab.train import find_lr
-
-            metrics = find_lr(cfg)
-        elif sweep_launcher is not None and job_ended(run):
-            # The same sweep again in its folder (SweepSummary refuses a different one there): a job that ended
-            # keeps its result and its row, and is not trained again.
-            metrics = run.read_metrics()
-            log.info(f"job {run.path.name} already ended ({metrics.get('status', 'ok')}); its result stands")
-            if metrics.get("status") == "failed":
-                return None, metrics.get("error", "failed"), 1
-        else:
-            from fmnist_lab.train import train
-
-            # A sweep job that stopped (a signal, a kill, a requeued SLURM job) continues from its last.ckpt in
-            # its own folder; one that stopped before its first checkpoint starts again.
-            metrics = train(cfg, resume=sweep_launcher is not None and run.last.is_file())
-    except (ResumeError, BadFileError) as err:  # nothing was run: the run directory stays as it was
+        with run.writing() if is_rank_zero() else nullcontext():  # DDP ranks > 0 write nothing of the run
+            metrics = do_job(cfg, run, sweep_launcher)
+    except (ResumeError, BadFileError, RunBusyError, JobFailed) as err:  # nothing was run: the folder stays as it was
         return None, str(err), 1
     except Interrupted as err:  # metrics.json already says so
         return None, str(err), err.exit_code
     except RunDirError as err:  # the folder cannot take files: nothing to mark
         return None, err.strerror, 1
+    except ConfigError as err:
+        if sweep_launcher is None and created_here(run.path):  # nothing ran: leave no run behind to list
+            shutil.rmtree(run.path, ignore_errors=True)
+            with suppress(OSError):  # the date folder above it, when this was its only run
+                run.path.parent.rmdir()
+        elif is_rank_zero():  # a sweep's job keeps its folder, so that the summary's row points somewhere
+            run.mark_failed(err)
+        return None, str(err), 1
     except Exception as err:
         if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
             run.mark_failed(err)  # where it can still be written
             return None, describe_write_error(err, run.path), 1
-        if not isinstance(err, ConfigError | FloatingPointError) and not is_foreseen(err):
+        if not isinstance(err, FloatingPointError) and not is_foreseen(err):
             log.exception("unexpected error")  # a bug: the traceback goes to the log and the console
         if is_rank_zero():
             run.mark_failed(err)
-        if isinstance(err, ConfigError):
-            return None, str(err), 1
-        return None, (f"{err}\nThe run is marked failed in {run.metrics}; its checkpoints (up to the last good "
-                      "epoch) are kept."), 1
+        return None, f"{err}\nThe run is marked failed in {run.metrics}; {run.kept()}", 1
     value = metrics.get(cfg.get("optimized_metric"))
     return (value if value is not None and math.isfinite(value) else None), None, 0
+
+
+def do_job(cfg: DictConfig, run: RunDir, sweep_launcher: str | None) -> dict:
+    """The job itself, by kind: a resumed run, a learning-rate search, a sweep job that ended already, a run."""
+    validate(cfg, sweep_launcher)
+    if cfg.resume is not None:  # continue with the config the run was started with (Hydra is in its directory)
+        others = [o for o in HydraConfig.get().overrides.task if not o.startswith("resume=")]
+        if others:
+            log.warning(f"resume uses the run's own config; ignoring {' '.join(others)}")
+        # the checks that need no torch answer first: a finished, damaged or foreign run in a fraction of a second
+        config = run.load_config()
+        untrusted_targets(config, run.config)  # a run folder may come from elsewhere: it names no code
+        if metrics := run.finished():
+            acc = metrics.get("test/acc")
+            done = (f"{metrics.get('epochs')} epochs, test/acc {acc:.4f}" if isinstance(acc, int | float)
+                    else f"task {metrics.get('task')}")
+            print(f"{run.path} already finished ({done}); nothing to resume.")
+            return metrics
+        from fmnist_lab.train import train
+
+        return train(config, resume=True)
+    if cfg.get("tune"):
+        from fmnist_lab.train import find_lr
+
+        return find_lr(cfg)
+    if sweep_launcher is not None and job_ended(run):
+        # The same sweep again in its folder (SweepSummary refuses a different one there): a job that ended
+        # keeps its result and its row, and is not trained again.
+        metrics = run.read_metrics()
+        log.info(f"job {run.path.name} already ended ({metrics.get('status', 'ok')}); its result stands")
+        if metrics.get("status") == "failed":
+            raise JobFailed(metrics.get("error", "failed"))
+        return metrics
+    from fmnist_lab.train import train
+
+    # A sweep job that stopped (a signal, a kill, a requeued SLURM job) continues from its last.ckpt in its own
+    # folder; one that stopped before its first checkpoint starts again.
+    return train(cfg, resume=sweep_launcher is not None and run.last.is_file())
+
+
+class JobFailed(Exception):
+    """A sweep job that failed in an earlier invocation of the same sweep: its error stands."""
+
+
+class RunStart(Callback):
+    """Checks Hydra runs before it writes anything into the run folder (its config, its log file): the folder
+    must take files, and a run that `resume=` names must not be written by another live process."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not is_rank_zero():  # DDP ranks > 0 join the run that rank zero checked
+            return
+        run = RunDir(config.hydra.run.dir)
+        try:
+            if config.get("resume") is not None and (pid := run.writer()) is not None:
+                raise RunBusyError(run.busy_message(pid))
+            run.check_writable()
+        except (RunBusyError, RunDirError) as err:
+            print(f"error: {err.strerror if isinstance(err, RunDirError) else err}", file=sys.stderr)
+            raise SystemExit(1) from None
 
 
 def job_ended(run: RunDir) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import io
 import itertools
 import json
@@ -16,13 +17,20 @@ import os
 import stat
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 # BadFileError and read_json are imported from here by every reader of a run's files
-from fmnist_lab.untrusted import BadFileError, check_yaml, read_json, read_text, unsafe_interpolations  # noqa: F401
+from fmnist_lab.untrusted import (  # noqa: F401
+    BadFileError,
+    check_yaml,
+    open_regular,
+    read_json,
+    read_text,
+    unsafe_interpolations,
+)
 
 
 def is_rank_zero() -> bool:
@@ -86,9 +94,9 @@ def describe_write_error(err: OSError, run: Path) -> str:
     path = err.filename or run
     what = "no space left on device" if err.errno == errno.ENOSPC else \
         "not writable" if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else err.strerror or str(err)
-    return (f"Cannot write {path}: {what}. The run stopped; its last good checkpoint in {run / 'checkpoints'} "
-            "is intact (files are written to a temporary name first). Free space or choose another folder "
-            f"(paths.log_dir=...), then continue with: python -m fmnist_lab resume={run}")
+    return (f"Cannot write {path}: {what}. The run stopped; {RunDir(run).kept()} Free space or choose another "
+            "folder (paths.log_dir=...), then " + ("continue with: python -m fmnist_lab resume=" f"{run}"
+                                                    if RunDir(run).last.is_file() else "start it again."))
 
 
 def write_json(path: Path, data: dict) -> Path:
@@ -180,7 +188,14 @@ class RunDir:
         return Path(path).relative_to(self.path).as_posix() if Path(path).is_relative_to(self.path) else str(path)
 
     def read_metrics(self) -> dict[str, Any]:
-        return read_json(self.metrics) if self.metrics.exists() else {}  # a FIFO or folder there: BadFileError
+        """metrics.json, {} when there is none; BadFileError when it is damaged, not a file, or no mapping."""
+        if not self.metrics.exists():
+            return {}
+        metrics = read_json(self.metrics)  # a FIFO or a folder there: BadFileError, never a wait
+        if not isinstance(metrics, dict):
+            raise BadFileError(f"{self.metrics} is damaged: it holds no mapping of metrics. Delete it and continue "
+                               f"the run with: python -m fmnist_lab resume={self.path}")
+        return metrics
 
     def write_metrics(self, metrics: dict[str, Any]) -> None:
         write_json(self.metrics, metrics)
@@ -208,10 +223,12 @@ class RunDir:
             probe.write_bytes(b"fmnist_lab")
             probe.unlink()
         except OSError as err:
-            probe.unlink(missing_ok=True)
-            raise RunDirError(err.errno, f"{self.path} is not writable ({err.strerror}): a run writes its "
-                              "checkpoints and results there. Choose another folder with paths.log_dir=... or "
-                              "hydra.run.dir=..., or fix its permissions.") from err
+            with suppress(OSError):  # the name may be what is wrong (too long): unlink fails the same way
+                probe.unlink()
+            what = "is not writable" if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else "cannot be created"
+            raise RunDirError(err.errno, f"{self.path} {what} ({err.strerror}): a run writes its checkpoints and "
+                              "results there. Choose another folder with paths.log_dir=... or hydra.run.dir=..., or "
+                              "fix its permissions.") from err
 
     def load_config(self) -> Any:
         """The run's saved config (.hydra/config.yaml), read as an untrusted file: BadFileError naming it when it
@@ -241,23 +258,56 @@ class RunDir:
         metrics = self.read_metrics()
         return metrics if metrics and metrics.get("status", "ok") == "ok" else {}
 
+    def kept(self) -> str:
+        """What a stopped run keeps, as a sentence that is true of this folder."""
+        if self.last.is_file():
+            return (f"its last good checkpoint {self.last} is intact (files are written to a temporary name "
+                    "first).")
+        if self.best.is_file():
+            return f"its best checkpoint {self.best} is intact."
+        return "it had saved no checkpoint yet, so there is nothing to continue from."
+
     def model_file(self) -> Path | None:
         """The file that holds the run's trained network: the tested weights, else the best or last checkpoint."""
         return next((f for f in (self.weights, self.best, self.last) if f.is_file()), None)
 
-    def resume_point(self) -> tuple[Path, int]:
-        """checkpoints/last.ckpt of an unfinished run and its global step; a clear error if there is none."""
-        if not self.last.is_file():
+    def resume_point(self, identity: str) -> tuple[Path, int]:
+        """checkpoints/last.ckpt of an unfinished run and its global step, if the run wrote it: its stamp
+        (`RUN_STAMP`) holds `identity`, the hash of the run's config (config_identity). A clear error if there
+        is none, or it is damaged, or it came from another run."""
+        if not self.last.exists():
             raise ResumeError(f"resume: {self.path} has no checkpoints/last.ckpt (it stopped before its first "
                               "checkpoint), so there is nothing to continue; start a new run with the same overrides "
                               "instead.")
         import torch  # here: the CLI reads this module before it imports torch
 
         try:
-            return self.last, int(torch.load(self.last, map_location="cpu", weights_only=True)["global_step"])
-        except Exception as err:
-            raise ResumeError(f"resume: {self.last} cannot be read ({type(err).__name__}: {err}). It is damaged; "
-                              "checkpoints/best.ckpt may still be intact, or start a new run.") from err
+            with open_regular(self.last) as f:
+                checkpoint = torch.load(f, map_location="cpu", weights_only=True)
+            step = int(checkpoint["global_step"])
+        except BadFileError as err:
+            raise ResumeError(f"resume: {err}") from err
+        except Exception as err:  # torch's own text suggests weights_only=False, which must never be followed
+            raise ResumeError(f"resume: {self.last} cannot be read: it is not a PyTorch checkpoint, or it is damaged "
+                              f"or truncated ({type(err).__name__}). {self.best} may still be intact; otherwise "
+                              "start a new run with the same overrides.") from err
+        stamp = checkpoint.get(RUN_STAMP)
+        if not (isinstance(stamp, dict) and stamp.get("config") == identity):
+            raise ResumeError(f"resume: {self.last} was not written by this run: it holds another config's or "
+                              "another model's training state (a checkpoint copied in from another run?), and "
+                              "continuing from it would mix two runs. Put the run's own last.ckpt back, or start a "
+                              "new run with the same overrides.")
+        return self.last, step
+
+
+RUN_STAMP = "fmnist_lab_run"  # the checkpoint entry that says which run wrote it (callbacks.RunStamp)
+
+
+def config_identity(config: dict) -> str:
+    """A hash of a run's config as Hydra saved it (interpolations unresolved, so a moved run keeps it), but for
+    `resume`: every checkpoint of the run carries it, and resume takes no checkpoint of another config."""
+    recipe = {k: v for k, v in config.items() if k != "resume"}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def find_run(resume: str, log_dir: str) -> Path | None:
@@ -265,7 +315,7 @@ def find_run(resume: str, log_dir: str) -> Path | None:
     if resume == "latest":  # run folders are named <date>/<time>, so the name order is the start order
         runs = sorted(p.parent.parent for p in Path(log_dir).glob("*/*/checkpoints/last.ckpt"))
         return runs[-1].resolve() if runs else None
-    return Path(resume).resolve() if RunDir(resume).config.is_file() else None
+    return Path(resume).resolve() if RunDir(resume).config.exists() else None
 
 
 def run_dir(resume: str | None, log_dir: str, fresh: str) -> str:
@@ -299,6 +349,11 @@ def unique_dir(base: str) -> str:
                   "paths.log_dir=... (or hydra.run.dir=...).", file=sys.stderr)
             raise SystemExit(1) from err
     return CLAIMED[base]
+
+
+def created_here(path: str | Path) -> bool:
+    """Whether this process created the run folder `path` (a new run's, by unique_dir)."""
+    return Path(path).resolve() in {Path(p).resolve() for p in CLAIMED.values()}
 
 
 def config_subdir(resume: str | None) -> str:

@@ -32,13 +32,13 @@ from rich.console import Console
 
 import fmnist_lab
 from fmnist_lab.artifacts import freeze, parameter_counts, save_weights, warm_start
-from fmnist_lab.callbacks import to_log_file
+from fmnist_lab.callbacks import RunStamp, to_log_file
 from fmnist_lab.config import ConfigError
 from fmnist_lab.data import CLASSES
 from fmnist_lab.gpu_step import CudaGraphs
 from fmnist_lab.models import Classifier, UnknownNetworkError
 from fmnist_lab.report import pyplot
-from fmnist_lab.run_dir import Interrupted, RunDir, atomic_write, save_torch, write_json
+from fmnist_lab.run_dir import Interrupted, RunDir, atomic_write, config_identity, save_torch, write_json
 from fmnist_lab.tracking import MLflowLogger, swept_knobs
 
 log = logging.getLogger(__name__)
@@ -78,9 +78,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         save_torch(checkpoint, Path(path))
 
 
-def build(cfg: DictConfig, purge_from: int | None = None) -> tuple[pl.LightningDataModule, Classifier, pl.Trainer]:
-    """Data module, model and trainer from the config. `purge_from`: TensorBoard drops the run folder's events
-    from this step on (a resumed run: those logged after its checkpoint; a job run again from scratch into
+def build(cfg: DictConfig, purge_from: int | None = None, *extra: pl.Callback
+          ) -> tuple[pl.LightningDataModule, Classifier, pl.Trainer]:
+    """Data module, model and trainer from the config, with the `extra` callbacks. `purge_from`: TensorBoard
+    drops the run folder's events from this step on (a resumed run: those logged after its checkpoint; a job run again from scratch into
     its sweep folder: all of them), so the curves repeat no step."""
     datamodule = instantiate(cfg.data)
     try:
@@ -102,6 +103,7 @@ def build(cfg: DictConfig, purge_from: int | None = None) -> tuple[pl.LightningD
         raise ConfigError(f"Invalid config: {err}") from err
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
     callbacks += [CudaGraphs()] if cfg.gpu.cuda_graphs else []
+    callbacks += extra
     purge = {"purge_step": purge_from} if purge_from is not None else {}  # SummaryWriter's: drops steps >= it
     loggers = [instantiate(c, **(purge if "TensorBoard" in c._target_ else {}))
                for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
@@ -129,27 +131,40 @@ def distributed_job():
 
 
 @contextmanager
-def sigterm_noted():
-    """A SIGTERM anywhere in the job is noted instead of killing the process between two writes: during fit
-    and test Lightning calls this handler after its own (and stops training at the end of a batch), and the
-    job checks the note between its phases (stop_if_signalled)."""
+def signals_noted():
+    """SIGTERM and Ctrl-C anywhere in the job are noted instead of killing the process between two writes.
+    During fit and test Lightning calls the SIGTERM handler after its own and stops training at the end of a
+    batch, and the job checks the note between its phases (stop_if_signalled). A first Ctrl-C is turned into
+    that same SIGTERM: a KeyboardInterrupt would land anywhere (between a backward pass and its optimizer step,
+    say), and a checkpoint saved there resumes into a different run. A second Ctrl-C stops at once."""
     noted: list[int] = []
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield noted
         return
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: noted.append(signum))
+
+    def on_sigint(signum, frame) -> None:
+        if signal.SIGINT in noted:
+            raise KeyboardInterrupt
+        noted.append(signum)
+        signal.raise_signal(signal.SIGTERM)
+
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: noted.append(signum))}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where Ctrl-C is ignored (nohup, &)
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, on_sigint)
     try:
         yield noted
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
-def stop_if_signalled(run: RunDir, trainer: pl.Trainer, sigterm: list[int], context: dict[str, Any]) -> None:
+def stop_if_signalled(run: RunDir, trainer: pl.Trainer, noted: list[int], context: dict[str, Any]) -> None:
     """After a signal, whatever the phase: mark the run interrupted (it is not finished), with `context` (when it
     started, the code that ran), and stop it."""
-    if not (sigterm or trainer.received_sigterm or trainer.interrupted):
+    if not (noted or trainer.received_sigterm or trainer.interrupted):
         return
-    how, code = ("Ctrl-C", 130) if trainer.interrupted and not sigterm else ("SIGTERM", 128 + signal.SIGTERM)
+    ctrl_c = signal.SIGINT in noted or (trainer.interrupted and not noted)
+    how, code = ("Ctrl-C", 130) if ctrl_c else ("SIGTERM", 128 + signal.SIGTERM)
     if trainer.is_global_zero:
         run.mark_interrupted(how, trainer.global_step, trainer.current_epoch, **context)
     raise Interrupted(f"{how} stopped the run at step {trainer.global_step}; {run.metrics} marks it interrupted. "
@@ -174,20 +189,21 @@ def train(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
     """Run one job and return its metrics (also written to `<run dir>/metrics.json`). With `resume`, continue
     the run in cfg.paths.output_dir from its last.ckpt: same directory, same TensorBoard run, same counters."""
     run = open_run(cfg)
+    identity = config_identity(OmegaConf.to_container(cfg, resolve=False))
     ckpt_path, purge_step = None, None
     if resume:  # an unfinished run (the CLI answers for a finished one)
-        ckpt_path, purge_step = run.resume_point()
+        ckpt_path, purge_step = run.resume_point(identity)
         log.info(f"resuming {run.path} from {ckpt_path} (step {purge_step})")
     if cfg.seed is not None:  # `if cfg.seed` would silently drop seed=0
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
     # a run directory with curves but nothing to resume from: a sweep job started again from scratch
     purge_from = purge_step + 1 if purge_step is not None else 0 if run.tensorboard.is_dir() else None
-    datamodule, model, trainer = build(cfg, purge_from)
+    datamodule, model, trainer = build(cfg, purge_from, RunStamp(identity))
     params = parameter_counts(model.net)
     log.info("parameters: {total:,} total, {trainable:,} trainable, {frozen:,} frozen".format(**params))
 
     source = source_version()  # before training: the code that runs, not what it is edited into meanwhile
-    with distributed_job(), sigterm_noted() as sigterm:
+    with distributed_job(), signals_noted() as noted:
         started = now()
         context = {"started": started, "device": str(trainer.strategy.root_device), "git": source}
         start = time.perf_counter()
@@ -205,7 +221,7 @@ def train(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
             if trainer.is_global_zero:  # how far it got, for `fmnist_lab.runs`; the CLI adds the error
                 run.update(epochs=trainer.current_epoch, global_step=trainer.global_step, **context)
             raise
-        stop_if_signalled(run, trainer, sigterm, context)
+        stop_if_signalled(run, trainer, noted, context)
         metrics = {
             "test/acc": test["test/acc"],
             "test/loss": test["test/loss"],
@@ -234,7 +250,7 @@ def train(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
             metrics.update(getattr(callback, "metrics", None) or {})
             files += getattr(callback, "files", None) or []
         run.write_metrics(metrics)
-        stop_if_signalled(run, trainer, sigterm, context)  # the last moment a signal can still undo "finished"
+        stop_if_signalled(run, trainer, noted, context)  # the last moment a signal can still undo "finished"
         errors = [callback.error for callback in trainer.callbacks if getattr(callback, "error", None)]
         # after the run's own files: a logger may fail
         log_final(trainer.loggers, plain(cfg), metrics, files, "failed" if errors else "success")
