@@ -172,6 +172,61 @@ def test_runs_started_together_in_one_folder_each_get_their_own_directory(synthe
         assert f"seed={seed}" in (run / ".hydra" / "overrides.yaml").read_text()
 
 
+@pytest.mark.parametrize("overrides", [["lr=-1"], ["data.root={tmp}"], ["finetune.init_from=nowhere"],
+                                       ["resume={tmp}/nope"]], ids=["bad value", "no data", "bad file", "no run"])
+def test_a_run_that_cannot_start_leaves_no_run_folder_behind(tmp_path, overrides):
+    """Nothing trained, so nothing for `fmnist_lab.runs` to list: the error is on the console alone."""
+    result = run_cli(tmp_path, "device=cpu", *(o.format(tmp=tmp_path) for o in overrides), check=False)
+    assert result.returncode == 1 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+    assert not list(tmp_path.rglob(".hydra")) and not list(tmp_path.rglob("metrics.json"))
+
+
+@pytest.mark.parametrize("name", ["a" * 300, "file/run"], ids=["name too long", "path through a file"])
+def test_a_run_folder_that_cannot_be_made_is_one_paragraph(tmp_path, name):
+    (tmp_path / "file").write_text("not a folder")
+    result = run_cli(tmp_path, "device=cpu", f"hydra.run.dir={tmp_path / name}", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"error: {tmp_path / name} cannot be created (") and "hydra.run.dir=" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_run_folder_has_one_writer(synthetic_root, tmp_path):
+    """While a run trains, resume= (by name or as latest) is refused before anything is written into its folder,
+    and the run goes on undisturbed."""
+    process = subprocess.Popen([sys.executable, "-m", "fmnist_lab", f"data.root={synthetic_root}", "device=cpu",
+                                "logger=none", "epochs=50", "trainer.limit_train_batches=50"], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in process.stdout:
+            if line.startswith("epoch 1/50"):
+                break
+        run = only_run_dir(tmp_path)
+        before = sorted(p.relative_to(run) for p in run.rglob("*") if "checkpoints" not in p.parts)
+        for resume in (str(run), "latest"):
+            result = run_cli(tmp_path, f"resume={resume}", check=False)
+            assert result.returncode == 1 and "Traceback" not in result.stderr
+            assert f"{run} is being written by process {process.pid}" in result.stderr
+        assert sorted(p.relative_to(run) for p in run.rglob("*") if "checkpoints" not in p.parts) == before
+        assert process.poll() is None  # still training
+    finally:
+        process.kill()
+        process.wait()
+
+
+@pytest.mark.slow
+def test_a_closed_stdout_does_not_stop_the_run(synthetic_root, tmp_path):
+    """`python -m fmnist_lab | head -1`: the reader goes after the first line, the run trains on and finishes."""
+    process = subprocess.Popen([sys.executable, "-m", "fmnist_lab", f"data.root={synthetic_root}", "device=cpu",
+                                "logger=none", "epochs=3", "trainer.limit_train_batches=20", "~callbacks.onnx_export"],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.readline()  # a log line: the next ones, the epoch lines and the result meet a closed pipe
+    process.stdout.close()
+    assert process.wait(timeout=300) == 0, process.stderr.read()[-2000:]
+    assert b"Traceback" not in process.stderr.read()
+    metrics = json.loads((only_run_dir(tmp_path) / "metrics.json").read_text())
+    assert metrics["epochs"] == 3 and metrics.get("status", "ok") == "ok"
+
+
 @pytest.mark.parametrize(("module", "arguments"), [
     ("fmnist_lab.evaluate", ["run=", "data.root=", "device=", "report=", "out="]),
     ("fmnist_lab.predict", ["model=", "top_k=", "--json"]),

@@ -89,6 +89,23 @@ def test_ddp_run_started_by_lightning_writes_its_files_once(synthetic_root, tmp_
     assert [p.name for p in run.glob("*.log") if p.name != "fmnist_lab.log"] == ["train_ddp_process_1.log"]
 
 
+@pytest.mark.slow
+def test_debug_limit_runs_under_ddp_and_records_the_slice_it_tested(synthetic_root, tmp_path):
+    """debug=limit's fractions leave each of the processes at least one validation and test batch, and
+    metrics.json says the run is a debug run over 2,000 test images (0.2 of the split, shared by 2 ranks)."""
+    run_cli(tmp_path, "trainer=ddp", "device=cpu", "debug=limit", f"data.root={synthetic_root}", "logger=none",
+            "epochs=1", "~callbacks.onnx_export", "~callbacks.report")
+    metrics = json.loads((only_run_dir(tmp_path) / "metrics.json").read_text())
+    assert (metrics["task"], metrics["test_images"]) == ("debug", 2000)
+
+
+@pytest.mark.parametrize("overrides, key", [(["trainer=ddp", "trainer.devices=8", "debug=limit"], "limit_val_batches"),
+                                            (["trainer.limit_test_batches=0.05"], "limit_test_batches")])
+def test_a_limit_that_leaves_a_process_no_batch_is_refused_before_any_work(overrides, key):
+    with pytest.raises(ConfigError, match=rf"trainer.{key}=0.*less than one batch: give a number of batches"):
+        validate(compose_cfg("device=cpu", *overrides))
+
+
 def test_ddp_inside_a_local_sweep_is_refused_with_the_ways_that_work(monkeypatch):
     cfg = compose_cfg("trainer=ddp", "device=cpu")
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)

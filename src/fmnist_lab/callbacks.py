@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import re
 import sys
 import time
@@ -26,6 +27,17 @@ from fmnist_lab.report import CONFUSION_PNG, MISCLASSIFIED_PNG, predict_split, w
 from fmnist_lab.run_dir import RUN_STAMP
 
 log = logging.getLogger(__name__)
+
+
+def show(line: str, bold: str = "") -> None:
+    """A line for the person watching, on stdout (`bold` before it). When stdout's reader has gone (`| head`),
+    stdout is pointed at /dev/null and the job goes on: losing the console must not lose the run."""
+    if bold:  # bold on a terminal only: a log or pipe gets no escape codes
+        line = f"\033[1m{bold}\033[0m  {line}" if sys.stdout.isatty() else f"{bold}  {line}"
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def to_log_file(line: str) -> None:
@@ -96,7 +108,7 @@ class EpochProgress(ProgressBar):
         m = trainer.callback_metrics
         val = "".join(f" {k} {float(m[k]):.4f}" for k in ("val/acc", "val/loss") if k in m)
         line = f"{self.epoch_name(trainer)}:{val} ({time.perf_counter() - self.started:.1f} s)"
-        print(line, flush=True)
+        show(line)
         to_log_file(line)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

@@ -68,22 +68,22 @@ def run_job(cfg: DictConfig, sweep_launcher: str | None) -> tuple[float | None, 
         return None, str(err), err.exit_code
     except RunDirError as err:  # the folder cannot take files: nothing to mark
         return None, err.strerror, 1
-    except ConfigError as err:
-        if sweep_launcher is None and created_here(run.path):  # nothing ran: leave no run behind to list
-            shutil.rmtree(run.path, ignore_errors=True)
-            with suppress(OSError):  # the date folder above it, when this was its only run
-                run.path.parent.rmdir()
-        elif is_rank_zero():  # a sweep's job keeps its folder, so that the summary's row points somewhere
-            run.mark_failed(err)
-        return None, str(err), 1
     except Exception as err:
+        if could_not_start(err) and sweep_launcher is None:  # a resumed run stays as it was; a new one goes
+            if created_here(run.path):  # (a sweep's job stays, marked failed: the summary's row points to it)
+                shutil.rmtree(run.path, ignore_errors=True)
+                with suppress(OSError):  # the date folder above it, when this was its only run
+                    run.path.parent.rmdir()
+            return None, str(err), 1
         if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
             run.mark_failed(err)  # where it can still be written
             return None, describe_write_error(err, run.path), 1
-        if not isinstance(err, FloatingPointError) and not is_foreseen(err):
+        if not isinstance(err, ConfigError | FloatingPointError) and not is_foreseen(err):
             log.exception("unexpected error")  # a bug: the traceback goes to the log and the console
         if is_rank_zero():
             run.mark_failed(err)
+        if could_not_start(err):
+            return None, str(err), 1
         return None, f"{err}\nThe run is marked failed in {run.metrics}; {run.kept()}", 1
     value = metrics.get(cfg.get("optimized_metric"))
     return (value if value is not None and math.isfinite(value) else None), None, 0
@@ -152,6 +152,13 @@ def job_ended(run: RunDir) -> bool:
     """The job's metrics.json says it finished or failed (not: missing, or interrupted)."""
     metrics = run.read_metrics()
     return bool(metrics) and metrics.get("status", "ok") in ("ok", "failed")
+
+
+def could_not_start(err: Exception) -> bool:
+    """A config value or the data set stopped the job before it trained anything."""
+    from fmnist_lab.data import DataError
+
+    return isinstance(err, ConfigError | DataError)
 
 
 def is_foreseen(err: Exception) -> bool:

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from fmnist_lab.run_dir import config_subdir, find_run, run_dir, unique_dir
 
-TRAIN_IMAGES = 60_000
+TRAIN_IMAGES, TEST_IMAGES = 60_000, 10_000
 DEVICES = ("auto", "cpu", "gpu")
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")
 
@@ -130,6 +130,21 @@ def check(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"Invalid config: {key}={value!r}. {allowed}")
 
 
+def check_limits(cfg: DictConfig, processes: int) -> None:
+    """A fraction in trainer.limit_*_batches must leave each process at least one batch of its share of the
+    split (Lightning stops with an error otherwise, once the data is loaded)."""
+    splits = {"train": (TRAIN_IMAGES - cfg.data.val_size, cfg.data.batch_size),
+              "val": (cfg.data.val_size, cfg.data.eval_batch_size), "test": (TEST_IMAGES, cfg.data.eval_batch_size)}
+    for split, (images, batch) in splits.items():
+        key, limit = f"trainer.limit_{split}_batches", cfg.trainer.get(f"limit_{split}_batches")
+        if isinstance(limit, float) and 0 < limit < 1:
+            batches = math.ceil(math.ceil(images / processes) / batch)  # each process's share (DistributedSampler)
+            check(int(batches * limit) >= 1, key, limit,
+                  f"That fraction of the {batches} {split} batch(es) each of the {processes} process(es) gets is "
+                  f"less than one batch: give a number of batches instead (e.g. {key}=1), a fraction of at least "
+                  f"{1 / batches:.2g}, or a smaller data.{'eval_' if split != 'train' else ''}batch_size.")
+
+
 def validate(cfg: DictConfig, sweep_launcher: str | None = None) -> None:
     """Check every value a run depends on, before any data is read or any process started. `sweep_launcher`:
     the `_target_` of Hydra's launcher when this is a job of a sweep."""
@@ -215,6 +230,7 @@ def validate(cfg: DictConfig, sweep_launcher: str | None = None) -> None:
     check(ranks == 1 or ddp or trainer.get("num_nodes", 1) > 1, "trainer.devices", devices,
           "Several devices train data-parallel: add trainer=ddp (e.g. trainer=ddp trainer.devices=2), or use "
           "trainer.devices=1.")
+    check_limits(cfg, ranks * trainer.get("num_nodes", 1))
     local = sweep_launcher is not None and "slurm" not in sweep_launcher.lower()
     # Lightning starts DDP ranks 1..n-1 by running this process's command line again, which in a sweep is the
     # whole sweep; under torchrun (LOCAL_WORLD_SIZE set) or as SLURM tasks every rank already runs.

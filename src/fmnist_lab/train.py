@@ -28,11 +28,10 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.tuner import Tuner
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
-from rich.console import Console
 
 import fmnist_lab
 from fmnist_lab.artifacts import freeze, parameter_counts, save_weights, warm_start
-from fmnist_lab.callbacks import RunStamp, to_log_file
+from fmnist_lab.callbacks import RunStamp, show, to_log_file
 from fmnist_lab.config import ConfigError
 from fmnist_lab.data import CLASSES
 from fmnist_lab.gpu_step import CudaGraphs
@@ -57,6 +56,9 @@ def quiet_libraries() -> None:
     """Lightning's log lines go through Hydra's handlers (console + the run's log file) once, minus ads;
     the ONNX exporter's pass-by-pass INFO lines are left out."""
     logging.getLogger("lightning").handlers.clear()  # its own console handler doubles every line under Hydra
+    # A console that went away (`| head`) must not print a traceback per log line; callbacks.show then points
+    # stdout at /dev/null, and the run's log file keeps every line.
+    logging.raiseExceptions = False
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "Tip:" not in r.getMessage())
     for name in ("onnx_ir", "onnxscript"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -81,8 +83,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def build(cfg: DictConfig, purge_from: int | None = None, *extra: pl.Callback
           ) -> tuple[pl.LightningDataModule, Classifier, pl.Trainer]:
     """Data module, model and trainer from the config, with the `extra` callbacks. `purge_from`: TensorBoard
-    drops the run folder's events from this step on (a resumed run: those logged after its checkpoint; a job run again from scratch into
-    its sweep folder: all of them), so the curves repeat no step."""
+    drops the run folder's events from this step on (a resumed run: those logged after its checkpoint; a job
+    run again from scratch into its sweep folder: all of them), so the curves repeat no step."""
     datamodule = instantiate(cfg.data)
     try:
         model = Classifier(net=plain(cfg.model), optimizer=plain(cfg.optimizer),
@@ -225,6 +227,8 @@ def train(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
         metrics = {
             "test/acc": test["test/acc"],
             "test/loss": test["test/loss"],
+            "test_images": int(test["test/images"]),
+            "task": cfg.task_name,  # debug: numbers from slices of the data (debug=limit, fast_dev_run, overfit)
             "val/acc_best": model.best_val_acc(),  # a collective under DDP: every rank gets this far
             "epochs": trainer.current_epoch,
             "global_step": trainer.global_step,
@@ -344,13 +348,17 @@ def log_final(loggers: list, config: dict, metrics: dict, files: list[Path], sta
 
 
 def report(run: RunDir, metrics: dict, tensorboard: bool) -> None:
-    console = Console(highlight=False, soft_wrap=True)  # paths stay whole for copying
+    """The result in a few lines: the test numbers, the files the run left (only those it wrote: a
+    fast_dev_run saves no checkpoint), and how to see the curves."""
     acc = f"test/acc {metrics['test/acc']:.4f}"
-    rest = (f"test/loss {metrics['test/loss']:.4f}  "
+    rest = (f"test/loss {metrics['test/loss']:.4g}  "
             f"({metrics['epochs']} epochs, {metrics['train_seconds']:.1f} s training on {metrics['device']})")
-    console.print(f"[bold]{acc}[/]  {rest}")
+    show(rest, bold=acc)
     to_log_file(f"{acc}  {rest}")
-    onnx_note = ", model.onnx (verified)" if metrics.get("onnx", {}).get("ok") else ""
-    console.print(f"artifacts: {run.path}  (metrics.json, checkpoints/, model_weights.pth{onnx_note})")
+    if not metrics["test/loss"] < 1e4:  # chance level is ln(10) = 2.3: the logits have blown up
+        show(f"warning: test/loss {metrics['test/loss']:.3g}: training diverged; try a smaller lr.")
+    files = [f.name + ("/" if f.is_dir() else "") for f in (run.metrics, run.checkpoints, run.weights) if f.exists()]
+    files += ["model.onnx (verified)"] if metrics.get("onnx", {}).get("ok") else []
+    show(f"artifacts: {run.path}  ({', '.join(files)})")
     if tensorboard:
-        console.print(f"curves:    tensorboard --logdir {run.tensorboard}")
+        show(f"curves:    tensorboard --logdir {run.tensorboard}")

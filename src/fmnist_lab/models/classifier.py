@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics import MaxMetric, MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from fmnist_lab.gpu_step import optimizer_options
@@ -42,6 +42,7 @@ class Classifier(pl.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
+        self.test_images = SumMetric()  # how many images test/acc covers (debug=limit tests a slice)
         # gpu_step.CudaGraphs may set a captured forward + backward for the training batches it fits
         self.train_forward: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.loss_sum: torch.Tensor | None = None  # on the device, since the last read-back
@@ -113,10 +114,12 @@ class Classifier(pl.LightningModule):
 
     def test_step(self, batch, batch_idx: int) -> None:
         self.evaluate(batch, self.test_acc, self.test_loss)
+        self.test_images.update(len(batch[1]))
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict({"test/loss": self.test_loss.compute(), "test/acc": self.test_acc.compute()})
-        for metric in (self.test_acc, self.test_loss):
+        self.log_dict({"test/loss": self.test_loss.compute(), "test/acc": self.test_acc.compute(),
+                       "test/images": self.test_images.compute()})
+        for metric in (self.test_acc, self.test_loss, self.test_images):
             metric.reset()
 
     def best_val_acc(self) -> float | None:
