@@ -170,7 +170,8 @@ def test_an_unfinished_run_shows_its_last_logged_epoch_and_how_to_continue(tmp_p
     out = capsys.readouterr().out
     assert "unfinished: outputs/2026-01-01/10-00-00 (epoch 2): no metrics.json: still running, or killed" in out
     assert "continue it with: python -m fmnist_lab resume=outputs/2026-01-01/10-00-00" in out
-    assert "damaged: outputs/2026-01-01/09-00-00 (epoch -): metrics.json cannot be read (JSONDecodeError)" in out
+    assert ("damaged: outputs/2026-01-01/09-00-00 (epoch -): metrics.json is damaged: it is not valid JSON (Expecting "
+            "property name enclosed in double quotes: line 1 column 2 (char 1)); restore it from a copy.") in out
     assert " 2/10 " in out and "CNN" in out
 
     (run / ".hydra" / "hydra.yaml").write_text("- not: a mapping\n")  # damaged: no group choices, no crash

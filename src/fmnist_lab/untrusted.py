@@ -66,7 +66,7 @@ def is_regular_file(path: Path) -> bool:
 def read_bytes(path: Path, limit: int = MAX_TEXT_BYTES) -> bytes:
     """The whole file, which must be a regular file of at most `limit` bytes; BadFileError naming it if not."""
     with open_regular(path) as f:
-        data = f.read(limit + 1)
+        data = f.read(limit + 1) if os.fstat(f.fileno()).st_size <= limit else b"x" * (limit + 1)
     if len(data) > limit:
         raise BadFileError(f"{path} is larger than {limit:,} bytes, far more than fmnist_lab writes there; it is "
                            "not read. Restore the file from a copy, or remove it.")
@@ -86,14 +86,15 @@ def read_json(path: Path) -> Any:
     text = read_text(path)
     try:
         return json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as err:
+    except (ValueError, RecursionError) as err:  # ValueError: bad JSON, or an integer of thousands of digits
         raise BadFileError(f"{path} is damaged: it is not valid JSON ({type(err).__name__}: {err}). Restore it "
-                           "from a copy, or, for a run's metrics.json, delete it and continue the run with "
-                           "resume=<run dir>.") from err
+                           "from a copy, or remove it.") from err
 
 
 def check_yaml(text: str, source: Path) -> None:
     """BadFileError when the YAML text uses anchors or aliases, or cannot be parsed."""
+    if "&" not in text and "*" not in text:  # neither an anchor nor an alias: no second parse needed
+        return
     try:
         for event in yaml.parse(text, Loader=YAML_LOADER):
             if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
@@ -110,7 +111,7 @@ def load_yaml(path: Path) -> Any:
     check_yaml(text, path)
     try:
         return yaml.load(text, Loader=YAML_LOADER)
-    except (yaml.YAMLError, RecursionError) as err:
+    except (yaml.YAMLError, ValueError, RecursionError) as err:  # ValueError: a number of thousands of digits
         raise BadFileError(f"{path} is damaged: it is not valid YAML ({type(err).__name__}).") from err
 
 
