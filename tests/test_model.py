@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import csv
+import logging
 import os
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.tuner import Tuner
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import compose_cfg
 from fmnist_lab.data import FashionMNISTDataModule
-from fmnist_lab.models import MLP, Classifier
+from fmnist_lab.models import MLP, Classifier, UnknownNetworkError, build_net, register
 from fmnist_lab.train import train
 
 SGD = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.05, "momentum": 0.9}
@@ -172,3 +175,60 @@ except UnknownNetworkError as err:
                             env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "model.width=0 is not a network fmnist_lab builds" in result.stdout
+
+
+class Wide(torch.nn.Module):
+    """784 -> width -> 10: a network a user registers, whose size its argument sets."""
+
+    def __init__(self, width: int = 64) -> None:
+        super().__init__()
+        self.layers = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, width), torch.nn.Linear(width, 10))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class Blowup(torch.nn.Module):
+    """Few weights, large activations: upsamples each image `scale` times before pooling it away."""
+
+    def __init__(self, scale: int = 2) -> None:
+        super().__init__()
+        self.layers = torch.nn.Sequential(torch.nn.Upsample(scale_factor=scale), torch.nn.AdaptiveAvgPool2d(1),
+                                          torch.nn.Flatten(), torch.nn.Linear(1, 10))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+def test_build_net_measures_any_registered_network_before_building_it():
+    """Weights and activations per image are counted on the meta device for every registered class, so a file
+    cannot ask a user's network for gigabytes either; what a network cannot run on 28x28 images is refused."""
+    register("tests.Wide", Wide)
+    register("tests.Blowup", Blowup)
+    assert sum(p.numel() for p in build_net({"_target_": "tests.Wide", "width": 64}, "model").parameters()) == 50_890
+    with pytest.raises(UnknownNetworkError, match=r"^x.json: tests.Wide with these arguments would have 55,650,010 "
+                                                  r"weights, more than the 50,000,000"):
+        build_net({"_target_": "tests.Wide", "width": 70_000}, "x.json")  # 222 MB, were it built
+    assert build_net({"_target_": "tests.Blowup", "scale": 10}, "model")(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(UnknownNetworkError, match=r"would keep 7,840,012 activation values per image, more than"):
+        build_net({"_target_": "tests.Blowup", "scale": 100}, "x.json")  # 2800 x 2800 pixels an image
+    with pytest.raises(UnknownNetworkError, match=r"cannot run on a batch of 28x28 images .*RuntimeError"):
+        build_net({"_target_": "fmnist_lab.models.MLP", "in_features": 100}, "x.json")
+
+
+def test_the_largest_recipes_are_well_within_the_size_caps():
+    for experiment in ("mlp_best", "cnn_best"):
+        description = OmegaConf.to_container(compose_cfg(f"experiment={experiment}").model)
+        assert isinstance(build_net(description, "model"), torch.nn.Module)
+        assert build_net({**description, "num_classes": 1000}, "model") is not None
+
+
+def test_an_empty_hidden_list_is_a_documented_logged_linear_model(caplog):
+    with caplog.at_level(logging.INFO, logger="fmnist_lab.models.mlp"):
+        net = build_net({"_target_": "fmnist_lab.models.MLP", "hidden": []}, "model")
+    assert [(m.in_features, m.out_features) for m in net.layers] == [(784, 10)] and len(net.layers) == 1
+    (record,) = caplog.records  # once: not again for build_net's size probe
+    assert "model.hidden=[]: a linear model (784 -> 10, multinomial logistic regression)" in record.getMessage()
+    assert "linear model" in MLP.__doc__ and "multinomial logistic regression" in MLP.__doc__
+    config = (Path(__file__).resolve().parents[1] / "conf" / "model" / "mlp.yaml").read_text()
+    assert "[] is a linear model (multinomial logistic regression)" in config

@@ -7,21 +7,33 @@ Every load is `torch.load(..., weights_only=True)`: tensors and plain containers
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import reprlib
 import zipfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
+import numpy as np
 import torch
 from torch import nn
 
 import fmnist_lab
 from fmnist_lab.data.idx import CLASSES
 from fmnist_lab.models import build_net
+from fmnist_lab.predict import check_classes  # torch-free, for predict's ONNX path too
 from fmnist_lab.run_dir import BadFileError, RunDir, atomic_write, read_json, save_torch, write_json
+from fmnist_lab.untrusted import open_regular
 
 INPUT_DESCRIPTION = "float32 [N, 1, 28, 28]: grayscale pixels in [0, 1], light garment on black (as ToTensor gives)"
+
+
+# A run's model_weights.pth holds at most 200 MB (models.registry.MAX_WEIGHTS float32 numbers) and a checkpoint
+# adds the optimizer's state, about twice that again: 1 GiB is above both, and it bounds what torch.load
+# allocates for a file, whose zip entries may be compressed.
+MAX_MODEL_BYTES = 1 << 30
 
 
 class UnsafeFileError(BadFileError):
@@ -29,21 +41,40 @@ class UnsafeFileError(BadFileError):
 
 
 def read_file(path: Path) -> Any:
-    """`torch.load(path, weights_only=True)`: tensors and plain containers only, never arbitrary code."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: give a run directory, a .ckpt or a .pth file.")
+    """`torch.load(path, weights_only=True)`: tensors and plain containers only, never arbitrary code, from a
+    regular file (never a blocking read) in torch's zip format of at most MAX_MODEL_BYTES, packed or unpacked."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if not zipfile.is_zipfile(path):  # random bytes also fail as a pickle
+        f = open_regular(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist: give a run directory, a .ckpt or a .pth file.") from None
+    with f:
+        check_archive(f, path)
+        try:
+            return torch.load(f, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise UnsafeFileError(
+                f"{path} holds pickled Python objects, not just tensors (a model saved with `torch.save(model)`?). "
+                "Loading it could run arbitrary code, so fmnist_lab refuses it. Save `model.state_dict()` instead, "
+                "or use a run's model_weights.pth or checkpoints/best.ckpt.") from err
+        except Exception as err:  # empty, truncated, another format; the unpickler fails on junk in many ways
             raise not_a_model_file(path, err) from err
-        raise UnsafeFileError(
-            f"{path} holds pickled Python objects, not just tensors (a model saved with `torch.save(model)`?). "
-            "Loading it could run arbitrary code, so fmnist_lab refuses it. Save `model.state_dict()` instead, "
-            "or use a run's model_weights.pth or checkpoints/best.ckpt."
-        ) from err
-    except Exception as err:  # empty, truncated, another format; the unpickler fails on junk in many ways
-        raise not_a_model_file(path, err) from err
+
+
+def check_archive(f: BinaryIO, path: Path) -> None:
+    """BadFileError unless `f` is a zip archive, as torch.save has written since torch 1.6 (the legacy format
+    allocates whatever sizes its pickle declares), of at most MAX_MODEL_BYTES packed and unpacked."""
+    size = os.fstat(f.fileno()).st_size
+    if size <= MAX_MODEL_BYTES:
+        try:
+            with zipfile.ZipFile(f) as archive:  # reads only the directory at the end of the file
+                size = sum(entry.file_size for entry in archive.infolist())
+        except (zipfile.BadZipFile, EOFError, ValueError) as err:
+            raise not_a_model_file(path, err) from err
+        f.seek(0)
+    if size > MAX_MODEL_BYTES:
+        raise BadFileError(f"{path} holds {size:,} bytes, more than the {MAX_MODEL_BYTES:,} of the largest model "
+                           "fmnist_lab builds with its optimizer state; it is not read. Give a model file that a run "
+                           "wrote.")
 
 
 def not_a_model_file(path: Path, err: BaseException) -> BadFileError:
@@ -58,8 +89,20 @@ def save_weights(net: nn.Module, net_config: dict, folder: Path, classes: Sequen
     return save_torch(net.state_dict(), run.weights)
 
 
-def read_weights(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(net config, state_dict) from a run directory, a Lightning .ckpt, or a .pth with model.json beside it."""
+@dataclass
+class ModelFiles:
+    """What a run directory, a .ckpt or a .pth with its model.json hold, each checked for its type."""
+
+    net: dict  # the network description, for build_net
+    state: dict[str, torch.Tensor]
+    described_by: str  # the file and key `net` comes from, for errors
+    weights: Path  # the file the state_dict comes from
+    classes: list[str] | None  # model.json's class names (a checkpoint has none)
+
+
+def read_model(path: str | Path) -> ModelFiles:
+    """The network description, weights and class names of a run directory, a Lightning .ckpt, or a .pth with
+    model.json beside it; BadFileError naming the file and key when one is not what a run writes."""
     path = Path(path)
     if path.is_dir():
         run = RunDir(path)
@@ -69,31 +112,81 @@ def read_weights(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         path = found
     data = read_file(path)
     if path.suffix == ".ckpt":
-        net_config = data.get("hyper_parameters", {}).get("net") if isinstance(data, dict) else None
-        if not isinstance(net_config, dict) or not isinstance(data.get("state_dict"), dict):
-            raise BadFileError(f"{path} is not an fmnist_lab checkpoint: it has no `net` hyperparameters or no "
-                               "state_dict. Give a checkpoint that a run wrote (checkpoints/best.ckpt), its "
-                               "model_weights.pth, or the run directory.")
-        return net_config, {k.removeprefix("net."): v for k, v in data["state_dict"].items() if k.startswith("net.")}
+        hyper = data.get("hyper_parameters") if isinstance(data, dict) else None
+        net = hyper.get("net") if isinstance(hyper, dict) else None
+        state = data.get("state_dict") if isinstance(data, dict) else None
+        for key, value in (("hyper_parameters.net", net), ("state_dict", state)):
+            if not isinstance(value, dict):
+                raise BadFileError(f"{path} is not an fmnist_lab checkpoint: it has no {key} mapping. Give a "
+                                   "checkpoint that a run wrote (checkpoints/best.ckpt), its model_weights.pth, or "
+                                   "the run directory.")
+        state = {k.removeprefix("net."): v for k, v in state.items() if isinstance(k, str) and k.startswith("net.")}
+        return ModelFiles(net, check_state(state, path), f"{path} (key hyper_parameters.net)", path, None)
     description = path.with_name("model.json")
-    if not description.is_file():
+    if not description.exists():  # exists, not is_file: a FIFO there is reported by read_json, without waiting
         raise FileNotFoundError(f"{path} is a bare state_dict; {description} must sit beside it to say which "
                                 "architecture the weights belong to (every run writes the pair).")
-    net_config = read_json(description)
-    if not (isinstance(net_config, dict) and isinstance(net_config.get("net"), dict) and isinstance(data, dict)):
-        raise BadFileError(f"{description} does not describe a network (no `net` entry), or {path} is not a "
-                           "state_dict. Use the model.json and model_weights.pth that a run wrote together, or "
-                           "the run's checkpoints/best.ckpt.")
-    return net_config["net"], data
+    if not isinstance(data, dict):
+        raise BadFileError(f"{path} holds a {type(data).__name__}, not a state_dict. Use the model_weights.pth a run "
+                           "wrote, or the run's checkpoints/best.ckpt.")
+    entry = read_json(description)
+    if not isinstance(entry, dict):
+        raise BadFileError(f"{description} holds a {type(entry).__name__}, not the mapping a run writes there (net, "
+                           "classes, input). Use the model.json that a run wrote with the weights.")
+    net = entry.get("net")
+    if not isinstance(net, dict):
+        raise BadFileError(f"{description} (key net) does not describe a network: {reprlib.repr(net)} is no "
+                           "mapping of `_target_` and arguments. Use the model.json that a run wrote with the weights, "
+                           "or the run's checkpoints/best.ckpt.")
+    classes = check_classes(entry.get("classes"), f"{description} (key classes)")  # their number: load_classifier
+    return ModelFiles(net, check_state(data, path), f"{description} (key net)", path, classes)
+
+
+def check_state(state: dict, path: Path) -> dict[str, torch.Tensor]:
+    """`state` if it maps names to tensors, as a state_dict does; BadFileError naming the first entry that does not."""
+    for key, value in state.items():
+        if not (isinstance(key, str) and isinstance(value, torch.Tensor)):
+            raise BadFileError(f"{path} is not a state_dict: its entry {reprlib.repr(key)} holds a "
+                               f"{type(value).__name__}, not a tensor. Give the weights or checkpoint a run wrote.")
+    return state
+
+
+def read_weights(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(net config, state_dict) from a run directory, a Lightning .ckpt, or a .pth with model.json beside it."""
+    files = read_model(path)
+    return files.net, files.state
 
 
 def load_model(path: str | Path) -> nn.Module:
     """An eval-mode network on the CPU from a run directory, a .ckpt or a .pth (always `weights_only`), built
-    only as a registered architecture (fmnist_lab.models.build_net)."""
-    net_config, state = read_weights(path)
-    net = build_net(net_config, str(path))
-    net.load_state_dict(state)
+    only as a registered architecture within the size caps (fmnist_lab.models.build_net)."""
+    return build_model(read_model(path))
+
+
+def build_model(files: ModelFiles) -> nn.Module:
+    net = build_net(files.net, files.described_by)
+    try:
+        net.load_state_dict(files.state)
+    except (RuntimeError, TypeError, ValueError) as err:  # missing or extra names, other shapes
+        cause = " ".join(str(err).split())[:300]
+        raise BadFileError(f"{files.weights}: its weights do not fit the network that {files.described_by} "
+                           f"describes ({cause}). Use the files a run wrote together.") from err
     return net.eval()
+
+
+def load_classifier(path: str | Path) -> tuple[nn.Module, list[str]]:
+    """`load_model`, and its class names, one per logit: model.json's, or FashionMNIST's for a checkpoint."""
+    files = read_model(path)
+    net = build_model(files)
+    with torch.no_grad():
+        width = net(torch.zeros(1, 1, 28, 28)).shape[1]
+    if files.classes is not None:
+        return net, check_classes(files.classes, f"{files.weights.with_name('model.json')} (key classes)", width)
+    if width != len(CLASSES):
+        raise BadFileError(f"{files.weights} gives {width} logits per image, but a checkpoint names no classes and "
+                           f"FashionMNIST has {len(CLASSES)}. Give the run directory or its model_weights.pth, whose "
+                           "model.json names the classes.")
+    return net, list(CLASSES)
 
 
 def warm_start(net: nn.Module, path: str | Path, strict: bool = True) -> list[str]:
@@ -168,6 +261,12 @@ def export_onnx(net: nn.Module, path: Path, extra_metadata: dict[str, str], opse
     atomic_write(path, lambda tmp: onnx.save_model(proto, str(tmp), save_as_external_data=False))
 
 
+# A trained classifier's logits are tens. Up to LOGIT_SCALE, verify_onnx allows `atol` as given; beyond it
+# float32 rounding grows with the logits, and so does the allowance. Beyond DIVERGED (a cross-entropy of 1e4
+# for one wrong image) training has diverged, and that, not the export, is what a mismatch reports.
+LOGIT_SCALE, DIVERGED = 100.0, 1e4
+
+
 def verify_onnx(net: nn.Module, path: Path, images: torch.Tensor, atol: float = 1e-4) -> dict:
     import onnx
     import onnxruntime as ort
@@ -178,17 +277,33 @@ def verify_onnx(net: nn.Module, path: Path, images: torch.Tensor, atol: float = 
         onnx.checker.check_model(str(path), full_check=True)
         result["checker"] = True
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        diffs, same = [], True
+        diffs, same, finite, scale = [], True, True, 0.0
         for batch in (images[:1], images):
             with torch.no_grad():
                 expected = net(batch).numpy()
             (got,) = session.run(["logits"], {"image": batch.numpy()})
+            finite &= bool(np.isfinite(expected).all())
+            scale = max(scale, float(np.abs(expected).max()))
             diffs.append(float(abs(got - expected).max()))
             same &= bool((got.argmax(1) == expected.argmax(1)).all())
-        result.update(max_abs_diff=max(diffs), argmax_equal=same)
-        if max(diffs) > atol or not same:
-            result["problem"] = f"max |logit difference| {max(diffs):.2e} (allowed {atol:.0e}), argmax equal: {same}"
+        allowed = atol * max(1.0, scale / LOGIT_SCALE)
+        result.update(max_abs_diff=max(diffs), argmax_equal=same, max_abs_logit=scale, allowed=allowed)
+        result["problem"] = onnx_problem(finite, scale, max(diffs), allowed, same)
     except Exception as err:  # a checker or runtime failure is a verification result, reported the same way
         result["problem"] = f"{type(err).__name__}: {err}"
     result["ok"] = result["problem"] is None
     return result
+
+
+def onnx_problem(finite: bool, scale: float, diff: float, allowed: float, same: bool) -> str | None:
+    """What is wrong when ONNX Runtime and PyTorch disagree, or None."""
+    if not finite:
+        return ("the network diverged: its PyTorch logits are not finite (nan or inf), so the export cannot be "
+                "compared with it; train again with a lower lr")
+    if diff <= allowed and same:
+        return None
+    measured = f"max |logit difference| {diff:.2e} (allowed {allowed:.0e}), argmax equal: {same}"
+    if scale > DIVERGED:
+        return (f"the network diverged: its logits reach {scale:.1e} (a trained classifier's are tens), where "
+                f"float32 rounding makes PyTorch and ONNX Runtime disagree ({measured}); train again with a lower lr")
+    return measured

@@ -1,9 +1,10 @@
 """Re-test a trained model on the 10,000 official test images.
 
-usage: python -m fmnist_lab.evaluate run=<run dir|.ckpt|.pth> [data.root=<folder>] [device=auto|cpu|gpu]
+usage: python -m fmnist_lab.evaluate run=<run dir|.ckpt|.pth|.onnx> [data.root=<folder>] [device=auto|cpu|gpu]
                                      [report=false|true] [out=<folder>]
 
-  run=        the model: a run directory, or a .ckpt or .pth file (a .pth needs its model.json beside it)
+  run=        the model: a run directory, or a .ckpt, .pth (with its model.json beside it) or .onnx file (run on
+              ONNX Runtime, on the CPU)
   data.root=  the folder holding the FashionMNIST files (default: the one the run trained on, else
               /usr/share/datasets/fashion-mnist or ./data)
   device=     auto (a CUDA GPU when one is visible), cpu or gpu (default: auto)
@@ -14,12 +15,14 @@ usage: python -m fmnist_lab.evaluate run=<run dir|.ckpt|.pth> [data.root=<folder
 
 from __future__ import annotations
 
+import math
+import reprlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fmnist_lab.predict import UsageError, asked_for_help, parse_args
-from fmnist_lab.run_dir import RunDir
+from fmnist_lab.predict import INFERENCE_BATCH, UsageError, asked_for_help, parse_args, run_main
+from fmnist_lab.run_dir import BadFileError, RunDir
 
 USAGE = __doc__.split("\n\n")[1].removeprefix("usage: ")
 
@@ -30,19 +33,107 @@ def evaluate(run: str | Path, root: str | None = None, device: str = "auto", out
     two figures are written there too."""
     import torch
 
-    from fmnist_lab.artifacts import load_model
     from fmnist_lab.data import CLASSES, FashionMNISTDataModule
-    from fmnist_lab.report import predict_split, summarize, write_report
+    from fmnist_lab.report import summarize, write_report
 
     if device == "gpu" and not torch.cuda.is_available():
         raise UsageError("device=gpu, but no CUDA GPU is visible; use device=cpu or device=auto.")
+    if Path(run).suffix == ".onnx" and device == "gpu":
+        raise UsageError(f"device=gpu: {run} runs on ONNX Runtime's CPU provider here; use device=cpu or auto.")
     target = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
-    net = load_model(run).to(target)
-    data = FashionMNISTDataModule(root=root)
+    classify = model_function(run, target)
+    data = FashionMNISTDataModule(root=root, eval_batch_size=INFERENCE_BATCH)
     data.setup("test")
-    logits, labels, images = predict_split(net, data.test_dataloader(), target)
+    logits, labels, images = classify(data.test_dataloader())
     summary = write_report(out, logits, labels, images, CLASSES) if out else summarize(logits, labels, CLASSES)
     return {**summary, "count": len(labels)}
+
+
+def model_function(run: str | Path, target):
+    """A function from a test loader to (logits, labels, images) for the model at `run`: a PyTorch network on
+    `target`, or an .onnx file on ONNX Runtime. ValueError naming the file unless it gives 10 logits an image."""
+    import torch
+
+    from fmnist_lab.data import CLASSES
+    from fmnist_lab.report import predict_split
+
+    if Path(run).suffix == ".onnx":
+        from fmnist_lab.predict import load_predictor
+
+        predict, classes = load_predictor(str(run))
+
+        def classify(loader) -> tuple[torch.Tensor, ...]:
+            batches = [(torch.from_numpy(predict(x.float().cpu().numpy())), y.cpu().long(), x.float().cpu())
+                       for x, y in loader]
+            return tuple(torch.cat(parts) for parts in zip(*batches, strict=True))
+    else:
+        from fmnist_lab.artifacts import load_classifier
+
+        net, classes = load_classifier(run)  # classes: checked against the network's output width
+        net = net.to(target)
+
+        def classify(loader) -> tuple[torch.Tensor, ...]:
+            return predict_split(net, loader, target)
+
+    if len(classes) != len(CLASSES):
+        raise BadFileError(f"{run} classifies into {len(classes)} classes; the FashionMNIST test has {len(CLASSES)}.")
+    return classify
+
+
+def recorded_root(run: RunDir) -> str | None:
+    """The data root in the run's saved config (None: the default one); BadFileError naming the file and key
+    when it is not a folder name."""
+    from omegaconf import DictConfig
+    from omegaconf.errors import OmegaConfBaseException
+
+    config = run.load_config()
+    try:
+        data = config.get("data")
+        root = data.get("root") if isinstance(data, DictConfig) else None
+    except OmegaConfBaseException as err:  # an interpolation that does not resolve
+        raise BadFileError(f"{run.config}: key data.root cannot be resolved ({type(err).__name__}). Restore the "
+                           "file, or give the test files' folder as data.root=<folder>.") from err
+    if not (isinstance(data, DictConfig) or data is None) or not (isinstance(root, str) or root is None):
+        key, value = ("data.root", root) if isinstance(data, DictConfig) else ("data", data)
+        raise BadFileError(f"{run.config}: key {key} is {reprlib.repr(value)}, not what a run saves there (a folder "
+                           "name, in the mapping `data`). Restore the file, or give data.root=<folder>.")
+    return root or None
+
+
+def recorded_metrics(run: RunDir) -> dict:
+    """metrics.json's numbers to compare with ({} when there is none); BadFileError naming the file and key
+    when one is not what a run writes."""
+    metrics = run.read_metrics()  # a mapping, or BadFileError
+    checks = {"status": (lambda v: isinstance(v, str), "a string"),
+              "error": (lambda v: isinstance(v, str), "a string"),
+              "task": (lambda v: isinstance(v, str), "a string"),
+              "test/acc": (lambda v: number(v) and 0 <= v <= 1, "an accuracy from 0 to 1"),
+              "test_images": (lambda v: number(v) and v == int(v) > 0, "a number of images")}
+    for key, (ok, what) in checks.items():
+        if metrics.get(key) is not None and not ok(metrics[key]):
+            raise BadFileError(f"{run.metrics}: key {key} is {reprlib.repr(metrics[key])}, not {what}. Restore the "
+                               f"file, or give the model file itself as run= (e.g. run={run.weights}).")
+    return metrics
+
+
+def number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def comparison(recorded: dict, result: dict) -> str | None:
+    """What the run itself recorded, next to this evaluation."""
+    if recorded.get("status") not in (None, "ok"):
+        return (f"the run is marked {recorded['status']} ({recorded.get('error', 'no reason recorded')}), so it "
+                "recorded no test/acc to compare with; this is the checkpoint it left")
+    if recorded.get("test/acc") is None:
+        return None
+    tested = recorded.get("test_images")
+    if tested is not None and tested != result["count"]:  # e.g. debug=limit tests a slice
+        task = f" (task {recorded['task']})" if recorded.get("task") else ""
+        return (f"the run{task} recorded test/acc {recorded['test/acc']:.4f} over {int(tested):,} test images, not "
+                f"{result['count']:,}: the two are not compared")
+    return (f"the run recorded test/acc {recorded['test/acc']:.4f} "
+            f"(difference {100 * (result['test/acc'] - recorded['test/acc']):+.2f} points)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -72,24 +163,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if options["report"].lower() == "true":
         out = Path(options["out"]) if options["out"] else run if run.is_dir() else run.parent
     try:
-        recorded_root, recorded = None, {}
-        if run.is_dir() and RunDir(run).config.is_file():  # test on the same files the run used
-            recorded_root = RunDir(run).load_config().data.get("root")
+        root, recorded = options["data.root"] or None, {}
         if run.is_dir():
-            recorded = RunDir(run).read_metrics()
-        result = evaluate(run, options["data.root"] or recorded_root, options["device"], out)
+            if root is None and RunDir(run).config.exists():  # test on the same files the run used
+                root = recorded_root(RunDir(run))
+            recorded = recorded_metrics(RunDir(run))
+        result = evaluate(run, root, options["device"], out)
     # BadFileError and a refused network are ValueErrors; OSError: a missing file, or an `out` it cannot write
     except (OSError, ValueError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"test/acc {result['test/acc']:.4f}  test/loss {result['test/loss']:.4f}  "
           f"({result['count']:,} test images, model {run})")
-    if recorded.get("status", "ok") != "ok":
-        print(f"the run is marked {recorded['status']} ({recorded.get('error', 'no reason recorded')}), so it "
-              "recorded no test/acc to compare with; this is the checkpoint it left")
-    elif recorded.get("test/acc") is not None:
-        print(f"the run recorded test/acc {recorded['test/acc']:.4f} "
-              f"(difference {100 * (result['test/acc'] - recorded['test/acc']):+.2f} points)")
+    compared = comparison(recorded, result)
+    if compared:
+        print(compared)
     print(f"test/macro_f1 {result['test/macro_f1']:.4f}  test/ece {result['test/ece']:.4f}")
     print(per_class_table(result, CLASSES))
     if out:
@@ -98,4 +186,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

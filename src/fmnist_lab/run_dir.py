@@ -269,7 +269,7 @@ class RunDir:
 
     def model_file(self) -> Path | None:
         """The file that holds the run's trained network: the tested weights, else the best or last checkpoint."""
-        return next((f for f in (self.weights, self.best, self.last) if f.is_file()), None)
+        return next((f for f in (self.weights, self.best, self.last) if f.exists()), None)  # a FIFO: BadFileError
 
     def resume_point(self, identity: str) -> tuple[Path, int]:
         """checkpoints/last.ckpt of an unfinished run and its global step, if the run wrote it: its stamp

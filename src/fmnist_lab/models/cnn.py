@@ -37,6 +37,7 @@ class CNN(nn.Module):
             (isinstance(head_dropout, int | float) and 0 <= head_dropout < 1, "head_dropout", head_dropout,
              "0 <= head_dropout < 1"),
             (whole(num_classes, 1, MAX_CLASSES), "num_classes", num_classes, f"an integer from 1 to {MAX_CLASSES}"),
+            (isinstance(normalize, bool), "normalize", normalize, "true or false"),
         )
         self.normalize = normalize
         blocks, width, size = [], 1, 28

@@ -1,13 +1,18 @@
-"""The multilayer perceptron: 784 -> hidden... -> 10, as in the PyTorch quickstart."""
+"""The multilayer perceptron: 784 -> hidden... -> 10, as in the PyTorch quickstart; with no hidden layers
+(`hidden: []`), a linear model: multinomial logistic regression."""
 
 from __future__ import annotations
 
+import logging
+import reprlib
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from fmnist_lab.models.registry import network
+
+log = logging.getLogger(__name__)
 
 # Mean and std of the FashionMNIST training pixels in [0, 1]; applied inside the model so every checkpoint
 # and export takes raw pixels and a client needs no knowledge of them.
@@ -27,18 +32,24 @@ def refuse_unless(*checks: tuple[bool, str, object, str]) -> None:
     """ValueError naming the first argument whose check (ok, key, value, what is allowed) failed."""
     for ok, key, value, allowed in checks:
         if not ok:
-            raise ValueError(f"model.{key}={value!r} is not a network fmnist_lab builds: use {allowed}.")
+            raise ValueError(f"model.{key}={reprlib.repr(value)} is not a network fmnist_lab builds: use {allowed}.")
+
+
+def one_of(value, choices: dict) -> bool:
+    return isinstance(value, str) and value in choices  # a list or dict from a file is not even hashable
 
 
 def check_arguments(hidden: Sequence[int], activation: str, dropout: float, in_features: int,
-                    num_classes: int, norm: str = "none") -> None:
+                    num_classes: int, norm: str = "none", final_relu: bool = False, normalize: bool = True) -> None:
     """ValueError naming the argument unless every value is one the MLP can be built from."""
     hidden = list(hidden) if isinstance(hidden, Sequence) and not isinstance(hidden, str) else None
     refuse_unless(
         (hidden is not None and len(hidden) <= MAX_LAYERS and all(whole(h, 1, MAX_WIDTH) for h in hidden or []),
-         "hidden", hidden, f"a list of at most {MAX_LAYERS} widths from 1 to {MAX_WIDTH}"),
-        (activation in ACTIVATIONS, "activation", activation, f"one of {sorted(ACTIVATIONS)}"),
-        (norm in NORMS, "norm", norm, f"one of {sorted(NORMS)}"),
+         "hidden", hidden, f"a list of at most {MAX_LAYERS} widths from 1 to {MAX_WIDTH} ([] for a linear model)"),
+        (one_of(activation, ACTIVATIONS), "activation", activation, f"one of {sorted(ACTIVATIONS)}"),
+        (one_of(norm, NORMS), "norm", norm, f"one of {sorted(NORMS)}"),
+        (isinstance(final_relu, bool), "final_relu", final_relu, "true or false"),
+        (isinstance(normalize, bool), "normalize", normalize, "true or false"),
         (isinstance(dropout, int | float) and 0 <= dropout < 1, "dropout", dropout, "0 <= dropout < 1"),
         (whole(in_features, 1, MAX_WIDTH), "in_features", in_features, f"an integer from 1 to {MAX_WIDTH}"),
         (whole(num_classes, 1, MAX_CLASSES), "num_classes", num_classes, f"an integer from 1 to {MAX_CLASSES}"),
@@ -49,13 +60,17 @@ def check_arguments(hidden: Sequence[int], activation: str, dropout: float, in_f
 class MLP(nn.Module):
     """784 -> hidden... -> num_classes, as in the PyTorch quickstart (which also ends with a ReLU:
     `final_relu=True` reproduces it; it clips negative logits, so it is off by default). `norm` puts batch or
-    layer norm between each hidden Linear and its activation."""
+    layer norm between each hidden Linear and its activation. An empty `hidden` is a linear model, 784 ->
+    num_classes: multinomial logistic regression (activation, norm and dropout then have nothing to act on)."""
 
     def __init__(self, hidden: Sequence[int] = (512, 512), activation: str = "relu", dropout: float = 0.0,
                  final_relu: bool = False, normalize: bool = True, in_features: int = 784,
                  num_classes: int = 10, norm: str = "none") -> None:
         super().__init__()
-        check_arguments(hidden, activation, dropout, in_features, num_classes, norm)
+        check_arguments(hidden, activation, dropout, in_features, num_classes, norm, final_relu, normalize)
+        if not hidden and torch.empty(0).device.type != "meta":  # not for build_net's size probe
+            log.info(f"model.hidden=[]: a linear model ({in_features} -> {num_classes}, multinomial logistic "
+                     "regression), no hidden layer")
         self.normalize = normalize
         self.flatten = nn.Flatten()
         layers: list[nn.Module] = []
