@@ -20,6 +20,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.callbacks.progress import ProgressBar
@@ -107,8 +108,13 @@ def build(cfg: DictConfig, purge_from: int | None = None, *extra: pl.Callback
     callbacks += [CudaGraphs()] if cfg.gpu.cuda_graphs else []
     callbacks += extra
     purge = {"purge_step": purge_from} if purge_from is not None else {}  # SummaryWriter's: drops steps >= it
-    loggers = [instantiate(c, **(purge if "TensorBoard" in c._target_ else {}))
-               for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
+    try:
+        loggers = [instantiate(c, **(purge if "TensorBoard" in c._target_ else {}))
+                   for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
+    except InstantiationException as err:  # Hydra wraps what a logger raises, e.g. MLflowLogger's unusable store
+        if isinstance(err.__cause__, ConfigError):
+            raise err.__cause__ from None
+        raise
     plugins = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():  # submitit owns requeueing (see conf/hydra/launcher/slurm.yaml), not Lightning
         plugins.append(SLURMEnvironment(auto_requeue=False))
