@@ -186,7 +186,8 @@ def test_a_run_folder_that_cannot_be_made_is_one_paragraph(tmp_path, name):
     (tmp_path / "file").write_text("not a folder")
     result = run_cli(tmp_path, "device=cpu", f"hydra.run.dir={tmp_path / name}", check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.startswith(f"error: {tmp_path / name} cannot be created (") and "hydra.run.dir=" in result.stderr
+    assert result.stderr.startswith(f"error: {tmp_path / name} cannot be created (")
+    assert "hydra.run.dir=" in result.stderr
 
 
 @pytest.mark.slow

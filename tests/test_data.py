@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import gzip
+import struct
 import weakref
 
 import lightning.pytorch as pl
@@ -37,6 +38,13 @@ def test_wrong_magic_is_rejected(tmp_path):
     images, _ = synthetic_split(3, seed=0)
     path = write_idx(tmp_path / "labels-as-images.gz", images, LABEL_MAGIC)
     with pytest.raises(DataError, match=r"labels-as-images.gz has magic number 2049, expected 2051"):
+        read_idx(path, IMAGE_MAGIC)
+
+
+def test_a_header_promising_billions_of_images_is_rejected_before_allocating(tmp_path):
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(struct.pack(">IIII", IMAGE_MAGIC, 2**32 - 1, 28, 28))  # 3.4 TB of pixels, in 16 bytes
+    with pytest.raises(DataError, match="claims 4,294,967,295 images; no FashionMNIST split has more than 60,000"):
         read_idx(path, IMAGE_MAGIC)
 
 

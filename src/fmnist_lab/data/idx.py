@@ -57,6 +57,9 @@ def read_idx(path: Path, magic: int) -> torch.Tensor:
             if found != magic:
                 raise DataError(f"{path} has magic number {found}, expected {magic} for an IDX {kind} file. "
                                 "Is it the right file?")
+            if count > TRAIN_SIZE:  # checked before the tensor is allocated: a header can promise 4 billion
+                raise DataError(f"{path} claims {count:,} {kind}s; no FashionMNIST split has more than "
+                                f"{TRAIN_SIZE:,}. The file is corrupt or not FashionMNIST's. {HOW_TO_GET}")
             dims = (count,)
             if magic == IMAGE_MAGIC:
                 size = f.read(8)
