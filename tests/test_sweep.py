@@ -138,7 +138,8 @@ def test_a_used_sweep_folder_is_continued_by_the_same_sweep_and_refused_to_anoth
     args = ["-m", "lr=0.05,0.1", f"data.root={synthetic_root}", f"hydra.sweep.dir={sweep_dir}", *QUICK]
     run_cli(tmp_path, *args)
     before = {p: p.read_bytes() for p in sweep_dir.rglob("*") if p.is_file() and p.parent.name != ".hydra"
-              and not p.name.endswith(".log") and p.name not in ("multirun.yaml", "summary.md", "summary.png")}
+              and not p.name.endswith(".log")
+              and p.name not in ("multirun.yaml", "summary.md", "summary.png", ".writer.lock")}  # the lock: its pid
 
     again = run_cli(tmp_path, *args)  # the same sweep: both jobs had finished, so nothing is trained again
     assert again.stdout.count("artifacts: ") == 0
@@ -228,3 +229,74 @@ def test_summary_plot_draws_failed_jobs_apart_from_the_scores(tmp_path):
 
     without_failures = plot([r for r in rows if r["status"] == "ok"], "val/acc_best", tmp_path / "ok.png")
     assert [ax.get_ylabel() for ax in without_failures.axes] == ["val/acc_best"] * 2  # no empty strip
+
+
+def refused(cwd: Path, sweep_dir: Path | str, *args: str) -> str:
+    """A sweep into `sweep_dir` that must be refused before any job: exit 1 and one paragraph (no traceback),
+    which is returned."""
+    result = run_cli(cwd, "-m", "lr=0.05,0.1", f"data.root={cwd / 'no-data'}", f"hydra.sweep.dir={sweep_dir}", *args,
+                     check=False, timeout=120)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "Error executing job" not in result.stderr
+    (paragraph,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    return paragraph
+
+
+def test_a_sweep_folder_that_cannot_be_written_is_refused_in_one_paragraph(tmp_path):
+    """Before, Hydra's write of multirun.yaml ended the sweep in an OSError traceback."""
+    if os.geteuid() == 0:  # root writes anywhere but in sysfs
+        read_only = Path("/sys/fs")
+    else:
+        read_only = tmp_path / "read-only"
+        read_only.mkdir(mode=0o555)
+    assert refused(tmp_path, read_only) == (
+        f"error: the sweep folder {read_only} cannot be created or written: it is not writable (Permission denied). "
+        "Choose a writable folder with hydra.sweep.dir=..., or leave it out for a new folder under paths.log_dir.")
+
+    (tmp_path / "a-file").write_text("")
+    through_a_file = refused(tmp_path, tmp_path / "a-file" / "sweep")
+    assert through_a_file.startswith(f"error: the sweep folder {tmp_path / 'a-file' / 'sweep'} cannot be created or "
+                                     f"written: {tmp_path / 'a-file'} is a file, not a folder (Not a directory). "
+                                     "Choose another path with hydra.sweep.dir=...")
+
+    too_long = refused(tmp_path, tmp_path / ("x" * 300))
+    assert "the path, or a name in it, is longer than the file system allows (File name too long). Choose a " \
+           "shorter path with hydra.sweep.dir=..." in too_long
+
+
+def test_a_sweep_into_a_single_run_folder_is_refused(tmp_path):
+    """Before, the jobs went into the run's folder, where `python -m fmnist_lab.runs` never looks."""
+    run = tmp_path / "outputs" / "2024-01-01" / "12-00-00"
+    (run / ".hydra").mkdir(parents=True)
+    assert refused(tmp_path, run).startswith(f"error: {run} is the folder of a single run (it holds .hydra/); a sweep "
+                                             "there would put its jobs inside that run")
+    assert sorted(p.name for p in run.iterdir()) == [".hydra"]  # nothing was written there
+
+
+@pytest.mark.parametrize("content, why", [
+    ("hydra:\n  overrides:\n    task: &a [lr=0.05]\nother: *a\n", "uses YAML anchors or aliases"),
+    ("hydra: [unclosed\n", "is damaged: it is not valid YAML"),
+    ("hydra:\n  overrides:\n    task: 3\n", "is damaged: it holds no hydra.overrides.task list."),
+])
+def test_an_earlier_multirun_yaml_is_read_as_untrusted_data(tmp_path, content, why):
+    """Before, OmegaConf.load read it (aliases expanded, a damaged file only a warning, and the sweep ran on)."""
+    sweep_dir = tmp_path / "sweep"
+    sweep_dir.mkdir()
+    (sweep_dir / "multirun.yaml").write_text(content)
+    paragraph = refused(tmp_path, sweep_dir)
+    assert paragraph.startswith(f"error: {sweep_dir / 'multirun.yaml'} {why}")
+    assert f"to tell whether the sweep folder {sweep_dir} holds this sweep, so nothing was run" in paragraph
+
+
+def test_an_optuna_job_folder_with_damaged_overrides_stops_the_search_with_its_name(tmp_path):
+    """Closing the trials of a stopped search reads each job's overrides.yaml as untrusted data (before:
+    OmegaConf.load, which expands aliases)."""
+    from hydra_plugins.fmnist_lab_optuna import recorded_value
+
+    overrides = tmp_path / "search" / "3_2024" / ".hydra" / "overrides.yaml"
+    overrides.parent.mkdir(parents=True)
+    overrides.write_text("- &a optimizer.lr=0.1\n- *a\n")
+    with pytest.raises(SystemExit) as stop:
+        recorded_value({"optimizer.lr": 0.1}, tmp_path / "search", "val/acc_best")
+    assert str(stop.value).startswith(f"error: {overrides} uses YAML anchors or aliases")
+    assert f"move its job folder {overrides.parent.parent} out of {tmp_path / 'search'}" in str(stop.value)

@@ -3,20 +3,20 @@
 `SweepSummary` (a Hydra callback, see `hydra.callbacks` in conf/train.yaml) appends one row per job to
 `<sweep dir>/summary.csv` the moment the job ends, so a killed sweep still keeps every finished job. When the
 sweep ends it writes `summary.md` (sorted by the objective, best marked, failures with their error) and
-`summary.png`, prints the table, and exits non-zero if any job failed.
+`summary.png`, prints the table, and exits non-zero if any job failed. Before any job it refuses, with one
+paragraph, a sweep folder that cannot be written, that is a single run's folder, or that holds another sweep.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import logging
 import math
 import os
 import signal
 import sys
-import threading
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +26,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from fmnist_lab.run_dir import RunDir, atomic_write, is_rank_zero
+from fmnist_lab.run_dir import BadFileError, RunDir, atomic_write, is_rank_zero
+from fmnist_lab.untrusted import is_regular_file, load_yaml
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -52,11 +53,58 @@ def job_row(config: DictConfig, job_return: JobReturn, metric: str) -> dict[str,
         except Exception as err:
             error = f"{type(err).__name__}: {err}"
     status = metrics.get("status") or ("failed" if error or job_return.status == JobStatus.FAILED else "ok")
+    return {**metrics_row(metrics, status, error, metric), "job": config.hydra.job.num,
+            "overrides": " ".join(config.hydra.overrides.task), "run_dir": str(run.path), "model": model_name(config)}
+
+
+def metrics_row(metrics: dict[str, Any], status: str, error: str | None, metric: str) -> dict[str, Any]:
+    """The columns of a row that come from a job's metrics.json."""
     row = {k: metrics.get(k) for k in ("val/acc_best", "test/acc", "test/loss", "epochs", "train_seconds")}
-    return {**row, "job": config.hydra.job.num, "status": status,
-            "objective": metrics.get(metric) if status == "ok" else None,
-            "overrides": " ".join(config.hydra.overrides.task), "error": (error or "").split("\n")[0][:300],
-            "run_dir": str(run.path), "model": model_name(config)}
+    return {**row, "status": status, "objective": metrics.get(metric) if status == "ok" else None,
+            "error": (error or "").split("\n")[0][:300]}
+
+
+def ended(metrics: dict[str, Any]) -> bool:
+    """metrics.json says the job finished or failed, or marked it interrupted: it needs no mark from the sweep."""
+    return bool(metrics) and metrics.get("status", "ok") in ("ok", "failed", "interrupted")
+
+
+def mark_unfinished(run: RunDir, why: str) -> None:
+    """Mark a job that a stopped sweep cut off interrupted with `why`, unless its metrics.json says how it
+    ended (it may have finished, or marked itself): a continued sweep runs it again, from its last.ckpt if any."""
+    try:
+        if ended(run.read_metrics()):
+            return
+    except BadFileError:
+        return  # the job's own error when the sweep is continued
+    run.update(status="interrupted", error=why)
+
+
+def unfinished_row(job: int, overrides: list[str], run_dir: Path, reason: str, metric: str) -> dict[str, Any]:
+    """The row of a job that did not end through Hydra in a sweep that stopped for `reason` (written by the
+    launcher, which composes no job config for it: the model comes from the job's saved config, when it has one).
+    Interrupted, unless its metrics.json says otherwise."""
+    run = RunDir(run_dir)
+    row = {"job": job, "overrides": " ".join(overrides), "run_dir": str(run.path), "model": saved_model(run)}
+    if not run.path.is_dir():
+        return {**row, "status": "interrupted", "error": f"not started: the sweep stopped ({reason})"}
+    mark_unfinished(run, f"cut off: the sweep stopped ({reason})")
+    try:
+        metrics = run.read_metrics()
+    except BadFileError as err:
+        return {**row, "status": "failed", "error": str(err)[:300]}
+    status = metrics.get("status", "ok") if metrics else "interrupted"  # a folder it cannot write: not marked
+    error = metrics.get("error") or (f"cut off: the sweep stopped ({reason})" if status == "interrupted" else None)
+    return {**row, **metrics_row(metrics, status, error, metric)}
+
+
+def saved_model(run: RunDir) -> str:
+    """The network's class name from a job's saved config, or "" when it has none (yet)."""
+    try:
+        target = load_yaml(run.config)["model"]["_target_"]
+    except (OSError, BadFileError, KeyError, TypeError):
+        return ""
+    return str(target).rsplit(".", 1)[-1]
 
 
 def model_name(config: DictConfig) -> str:
@@ -206,16 +254,19 @@ class SweepSummary(Callback):
         if not is_rank_zero():  # under torchrun every rank runs the sweep; rank zero keeps its books
             return
         sweep_dir = Path(config.hydra.sweep.dir)
+        check_sweep_dir(sweep_dir)
+        if "fmnist_lab_joblib" in str(config.hydra.launcher.get("_target_")):
+            from hydra_plugins.fmnist_lab_joblib import catch_signals
+
+            catch_signals(config)  # from here on a signal stops the sweep as a whole (see that launcher)
         # A grid sweep names its job folders 0, 1, ...: in a used folder, only the same sweep may continue.
         # (An Optuna search names them by number and time, and continues its study there.)
         self.grid = "optuna" not in str(config.hydra.sweeper.get("_target_", "")).lower()
         earlier = sweep_dir / "multirun.yaml"
-        if self.grid and earlier.is_file():
-            from omegaconf import OmegaConf
-
-            before = sorted(OmegaConf.load(earlier).hydra.overrides.task)
+        if os.path.lexists(earlier):  # Hydra writes it next: a FIFO there would hang the sweep
+            before = sorted(earlier_overrides(earlier))
             now = sorted(config.hydra.overrides.task)
-            if before != now:
+            if self.grid and before != now:
                 raise SystemExit(f"error: {sweep_dir} holds another sweep ({' '.join(before) or 'no overrides'}); "
                                  f"this one ({' '.join(now) or 'no overrides'}) would write over its jobs. Leave "
                                  "hydra.sweep.dir out for a new folder, or run that sweep's command again to "
@@ -224,7 +275,10 @@ class SweepSummary(Callback):
         os.environ[PARALLEL_JOBS] = str(config.hydra.sweeper.get("n_jobs") or 1 if not self.grid
                                         else count_jobs(config.hydra.overrides.task))
         path = sweep_dir / "summary.csv"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if os.path.lexists(path) and not is_regular_file(path):
+            raise SystemExit(f"error: {path} is not a regular file (a FIFO, a folder or a dangling link), so the "
+                             "sweep cannot keep its results there. Remove it, or leave hydra.sweep.dir out for a new "
+                             "folder.")
         if not path.is_file():  # a continued sweep (same hydra.sweep.dir) keeps appending to its summary
             path.write_text(",".join(COLUMNS) + "\n")
         self.earlier_rows = len(read_rows(path))  # the exit code is about this invocation's jobs
@@ -241,7 +295,9 @@ class SweepSummary(Callback):
         if any(r["run_dir"] == row["run_dir"] and r["status"] in ("ok", "failed") for r in read_rows(summary)):
             return  # a job of a continued sweep that had ended: its row is there already
         append_row(summary, row)
-        if row["status"] == "interrupted":  # a signal stops the whole sweep, with the books written
+        # a signal stops the whole sweep, with the books written; fmnist_lab's joblib launcher does it in the sweep
+        # process (from a worker, SystemExit would make joblib end the other jobs without a word)
+        if row["status"] == "interrupted" and "fmnist_lab_joblib" not in str(config.hydra.launcher.get("_target_")):
             self.write_summary(Path(config.hydra.sweep.dir))
             print(f"sweep stopped: job {row['job']} was interrupted ({row['error']}); every finished job is in "
                   f"{Path(config.hydra.sweep.dir) / 'summary.csv'}", file=sys.stderr)
@@ -260,15 +316,68 @@ class SweepSummary(Callback):
                              f"see {sweep_dir / 'summary.md'}")
 
     def write_summary(self, sweep_dir: Path) -> None:
-        """summary.md and summary.png from summary.csv, and the table on the console."""
-        rows = ranked(latest(read_rows(sweep_dir / "summary.csv")), self.mode)
-        if not rows:
-            return
-        table = markdown(rows, self.metric)
-        text = f"# Sweep {sweep_dir}\n\nObjective: {self.metric} ({self.mode})\n\n{table}"
-        atomic_write(sweep_dir / "summary.md", lambda tmp: tmp.write_text(text))
-        plot(rows, self.metric, sweep_dir / "summary.png")
-        print(f"\n{table}\nsummary: {sweep_dir / 'summary.md'} (and summary.csv, summary.png)")
+        write_summary(sweep_dir, self.metric, self.mode)
+
+
+def write_summary(sweep_dir: Path, metric: str, mode: str) -> None:
+    """summary.md and summary.png from summary.csv, and the table on the console."""
+    rows = ranked(latest(read_rows(sweep_dir / "summary.csv")), mode)
+    if not rows:
+        return
+    table = markdown(rows, metric)
+    text = f"# Sweep {sweep_dir}\n\nObjective: {metric} ({mode})\n\n{table}"
+    atomic_write(sweep_dir / "summary.md", lambda tmp: tmp.write_text(text))
+    plot(rows, metric, sweep_dir / "summary.png")
+    print(f"\n{table}\nsummary: {sweep_dir / 'summary.md'} (and summary.csv, summary.png)")
+
+
+def check_sweep_dir(sweep_dir: Path) -> None:
+    """SystemExit with one paragraph when a sweep cannot use `sweep_dir`: Hydra writes multirun.yaml there before
+    any job, and would end in a traceback."""
+    probe = sweep_dir / f".write-check-{os.getpid()}"
+    try:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"fmnist_lab")
+        probe.unlink()
+        single_run = (sweep_dir / ".hydra").is_dir()
+    except OSError as err:
+        if err.errno == errno.ENAMETOOLONG:
+            why, fix = "the path, or a name in it, is longer than the file system allows", "a shorter path"
+        elif err.errno in (errno.ENOTDIR, errno.EEXIST):
+            blocking = next((p for p in (sweep_dir, *sweep_dir.parents) if p.exists() and not p.is_dir()), None)
+            why, fix = f"{blocking or 'a part of it'} is a file, not a folder", "another path"
+        elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            why, fix = "it is not writable", "a writable folder"
+        else:
+            why, fix = err.strerror or str(err), "another folder"
+        raise SystemExit(f"error: the sweep folder {sweep_dir} cannot be created or written: {why} ({err.strerror}). "
+                         f"Choose {fix} with hydra.sweep.dir=..., or leave it out for a new folder under "
+                         "paths.log_dir.") from None
+    if single_run:
+        raise SystemExit(f"error: {sweep_dir} is the folder of a single run (it holds .hydra/); a sweep there would "
+                         "put its jobs inside that run, where `python -m fmnist_lab.runs` does not see them. Choose "
+                         "a new or a sweep's folder with hydra.sweep.dir=..., or leave it out for a new folder.")
+
+
+def earlier_overrides(path: Path) -> list[str]:
+    """The task overrides of the sweep an earlier multirun.yaml records, read as a file that may come from
+    elsewhere (fmnist_lab.untrusted: plain data, no aliases, no FIFO, size-capped); SystemExit naming it when it is
+    damaged."""
+    try:
+        data = load_yaml(path)
+        task = data["hydra"]["overrides"]["task"] if isinstance(data, dict) else None
+        if not isinstance(task, list) or not all(isinstance(o, str) for o in task):
+            raise BadFileError(f"{path} is damaged: it holds no hydra.overrides.task list.")
+    except (BadFileError, KeyError, TypeError) as err:
+        what = err if isinstance(err, BadFileError) else f"{path} is damaged: it holds no hydra.overrides.task list."
+        raise SystemExit(f"error: {what} fmnist_lab reads it to tell whether the sweep folder {path.parent} holds "
+                         "this sweep, so nothing was run. Restore the file, or leave hydra.sweep.dir out for a new "
+                         "folder.") from None
+    except OSError as err:
+        raise SystemExit(f"error: {path} cannot be read ({err.strerror}); fmnist_lab reads it to tell whether the "
+                         f"sweep folder {path.parent} holds this sweep, so nothing was run. Fix its permissions, or "
+                         "leave hydra.sweep.dir out for a new folder.") from None
+    return task
 
 
 PARALLEL_JOBS = "FMNIST_LAB_SWEEP_JOBS"  # set by SweepSummary in the sweep process: jobs in a batch
@@ -300,32 +409,7 @@ def share_machine(cfg: DictConfig) -> None:
         parallel = cores if n_jobs < 0 else min(n_jobs, cores)
         torch.set_num_threads(max(1, cores // parallel))
         log.info(f"{parallel} parallel jobs on {cores} cores: {torch.get_num_threads()} CPU threads for this one")
-    if "joblib" in target:
-        end_with_the_sweep()
     gpus = torch.cuda.device_count()
     if gpus > 1 and cfg.device != "cpu" and cfg.trainer.get("devices") == 1:
         cfg.trainer.devices = [hydra_cfg.job.num % gpus]
         log.info(f"job {hydra_cfg.job.num} on GPU {cfg.trainer.devices[0]} of {gpus}")
-
-
-WATCHED: set[int] = set()  # the processes that watch their sweep already
-
-
-def end_with_the_sweep() -> None:
-    """joblib's worker processes outlive a sweep that is killed (the pool waits minutes for more work, each
-    worker holding a trained job's memory). In a worker, a thread watches the sweep process: once it is gone,
-    the worker sends itself SIGTERM every few seconds, which stops a running job as Ctrl-C would (last.ckpt
-    saved, the job marked interrupted) and then ends the idle worker."""
-    parent = os.getppid()
-    if os.getpid() in WATCHED or parent == 1:
-        return
-    WATCHED.add(os.getpid())
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1)
-        while True:
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(5)
-
-    threading.Thread(target=watch, name="end-with-the-sweep", daemon=True).start()

@@ -18,8 +18,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
 try:
     from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper as PluginSweeper
 except ImportError:  # the `sweep` extra is not installed: nothing to offer
@@ -45,7 +43,7 @@ def recorded_value(params: dict[str, Any], sweep_dir: Path, metric: str) -> floa
     from fmnist_lab.run_dir import BadFileError, RunDir
 
     for overrides in sweep_dir.glob("*/.hydra/overrides.yaml"):
-        given = dict(o.split("=", 1) for o in OmegaConf.load(overrides) if "=" in o)
+        given = dict(o.split("=", 1) for o in job_overrides(overrides) if "=" in o)
         if all(given.get(name) == str(value) for name, value in params.items()):
             try:
                 value = RunDir(overrides.parent.parent).finished().get(metric)
@@ -54,6 +52,24 @@ def recorded_value(params: dict[str, Any], sweep_dir: Path, metric: str) -> floa
             if value is not None and math.isfinite(value):
                 return value
     return None
+
+
+def job_overrides(path: Path) -> list[str]:
+    """A job's .hydra/overrides.yaml, read as a file that may come from elsewhere (fmnist_lab.untrusted: plain data,
+    no aliases, no FIFO, size-capped); SystemExit with one paragraph naming it when it is damaged."""
+    from fmnist_lab.untrusted import BadFileError, load_yaml
+
+    try:
+        overrides = load_yaml(path)
+        if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+            raise BadFileError(f"{path} is damaged: it holds no list of overrides.")
+    except (BadFileError, OSError) as err:
+        what = err if isinstance(err, BadFileError) else f"{path} cannot be read ({err.strerror})."
+        job = path.parent.parent
+        raise SystemExit(f"error: {what} The search reads it to find the result of a trial that an earlier, stopped "
+                         "search left running, so it cannot continue. Restore the file, or move its job folder "
+                         f"{job} out of {job.parent}, then run the search again.") from None
+    return overrides
 
 
 if PluginSweeper is not None:
