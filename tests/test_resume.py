@@ -120,6 +120,23 @@ def test_a_signal_saves_last_ckpt_and_the_resumed_run_ends_like_an_uninterrupted
     assert steps == [199, 399, 599]  # each epoch's last step, before and after the resume
 
 
+@pytest.mark.slow
+def test_a_signal_while_the_run_sets_up_stops_it_at_its_first_batch(synthetic_root, tmp_path):
+    """SIGTERM before Lightning has taken the signal over (data loading, model set-up) is not forgotten until
+    the end of training: training stops at its first batch, and the run is marked interrupted."""
+    process = subprocess.Popen([sys.executable, "-m", "fmnist_lab", f"data.root={synthetic_root}", "logger=none",
+                                "epochs=30", *QUICK], cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:
+        if "parameters:" in line:  # logged once the model is built, before fit sets up its data
+            process.send_signal(signal.SIGTERM)
+            break
+    process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM
+    metrics = json.loads((only_run_dir(tmp_path) / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and metrics["global_step"] < 200  # not 30 epochs of 200 batches
+
+
 def last_scalars(run: Path, tags: tuple[str, ...]) -> dict[str, tuple[int, float]]:
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()

@@ -1,4 +1,4 @@
-"""Callbacks the configs in `conf/callbacks/` name, and RunStamp, which every training run has."""
+"""Callbacks the configs in `conf/callbacks/` name, and RunStamp and SignalRelay, which every training run has."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
 import time
 import warnings
@@ -244,6 +245,18 @@ class RunStamp(Callback):
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         checkpoint[RUN_STAMP] = {"config": self.identity}
+
+
+class SignalRelay(Callback):
+    """A SIGTERM or Ctrl-C that the job noted while it was setting up, before Lightning took SIGTERM over, is
+    sent again as training starts: training then stops after its first batch instead of running to the end."""
+
+    def __init__(self, noted: list[int]) -> None:
+        self.noted = noted
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.noted and not trainer.received_sigterm:
+            signal.raise_signal(signal.SIGTERM)
 
 
 def progress(refresh_rate: int = 10) -> EpochProgress:

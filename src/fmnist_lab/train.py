@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import fmnist_lab
 from fmnist_lab.artifacts import freeze, parameter_counts, save_weights, warm_start
-from fmnist_lab.callbacks import RunStamp, show, to_log_file
+from fmnist_lab.callbacks import RunStamp, SignalRelay, show, to_log_file
 from fmnist_lab.config import ConfigError
 from fmnist_lab.data import CLASSES
 from fmnist_lab.gpu_step import CudaGraphs
@@ -206,12 +206,11 @@ def train(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
     # a run directory with curves but nothing to resume from: a sweep job started again from scratch
     purge_from = purge_step + 1 if purge_step is not None else 0 if run.tensorboard.is_dir() else None
-    datamodule, model, trainer = build(cfg, purge_from, RunStamp(identity))
-    params = parameter_counts(model.net)
-    log.info("parameters: {total:,} total, {trainable:,} trainable, {frozen:,} frozen".format(**params))
-
     source = source_version()  # before training: the code that runs, not what it is edited into meanwhile
     with distributed_job(), signals_noted() as noted:
+        datamodule, model, trainer = build(cfg, purge_from, RunStamp(identity), SignalRelay(noted))
+        params = parameter_counts(model.net)
+        log.info("parameters: {total:,} total, {trainable:,} trainable, {frozen:,} frozen".format(**params))
         started = now()
         context = {"started": started, "device": str(trainer.strategy.root_device), "git": source}
         start = time.perf_counter()
