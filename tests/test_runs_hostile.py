@@ -190,7 +190,8 @@ def test_no_value_of_any_metrics_key_stops_any_listing_mode(fuzz_tree):
             if key not in (*BASE, "test/acc", "status"):  # the rest of the row as usual
                 assert row["test/acc"] == 0.9 and row["status"] == "ok" and row["model"] == "MLP", (key, label)
         row = by_dir[f"outputs/{slug(key)}/too_many_digits"]
-        assert row["status"] == "damaged" and row["error"].startswith("metrics.json is damaged: it is not valid JSON (ValueError")
+        assert row["status"] == "damaged"
+        assert row["error"].startswith("metrics.json is damaged: it is not valid JSON (ValueError")
     for key in ("test/acc", "epochs", "train_seconds", "device"):  # a value it cannot use shows as ?
         assert by_dir[f"outputs/{slug(key)}/list"][key] is None
     assert by_dir["outputs/started/year_10000"]["when"] is None
