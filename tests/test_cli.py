@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import re
 import subprocess
@@ -226,6 +227,32 @@ def test_a_closed_stdout_does_not_stop_the_run(synthetic_root, tmp_path):
     assert b"Traceback" not in process.stderr.read()
     metrics = json.loads((only_run_dir(tmp_path) / "metrics.json").read_text())
     assert metrics["epochs"] == 3 and metrics.get("status", "ok") == "ok"
+
+
+def test_fast_dev_run_names_only_the_files_it_wrote_and_is_recorded_as_a_debug_run(synthetic_root, tmp_path):
+    result = run_cli(tmp_path, "debug=fast_dev_run", "device=cpu", f"data.root={synthetic_root}")
+    run = only_run_dir(tmp_path)
+    assert not (run / "checkpoints").exists()  # Lightning saves none in a fast_dev_run
+    (artifacts,) = [line for line in result.stdout.splitlines() if line.startswith("artifacts:")]
+    assert "checkpoints/" not in artifacts and "metrics.json" in artifacts and "model_weights.pth" in artifacts
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["task"] == "debug" and metrics["test_images"] == 1000  # one test batch
+
+
+def test_a_write_error_says_what_the_run_kept(tmp_path):
+    """A full disk before the first checkpoint: the message must not claim a checkpoint that is not there, nor
+    offer a resume with nothing to resume from."""
+    from fmnist_lab.run_dir import RunDir, describe_write_error
+
+    full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "metrics.json"))
+    message = describe_write_error(full, tmp_path)
+    assert "no space left on device" in message and "it had saved no checkpoint yet" in message
+    assert "intact" not in message and "resume=" not in message and message.endswith("start it again.")
+    RunDir(tmp_path).checkpoints.mkdir()
+    RunDir(tmp_path).last.write_bytes(b"a checkpoint")
+    message = describe_write_error(full, tmp_path)
+    assert f"its last good checkpoint {RunDir(tmp_path).last} is intact" in message
+    assert message.endswith(f"continue with: python -m fmnist_lab resume={tmp_path}")
 
 
 @pytest.mark.parametrize(("module", "arguments"), [
