@@ -173,10 +173,10 @@ def test_runs_started_together_in_one_folder_each_get_their_own_directory(synthe
         assert f"seed={seed}" in (run / ".hydra" / "overrides.yaml").read_text()
 
 
-@pytest.mark.parametrize("overrides", [["lr=-1"], ["data.root={tmp}"], ["finetune.init_from=nowhere"],
-                                       ["resume={tmp}/nope"]], ids=["bad value", "no data", "bad file", "no run"])
+@pytest.mark.parametrize("overrides", [["data.root={tmp}"], ["resume={tmp}/nope"]], ids=["no data", "no run"])
 def test_a_run_that_cannot_start_leaves_no_run_folder_behind(tmp_path, overrides):
-    """Nothing trained, so nothing for `fmnist_lab.runs` to list: the error is on the console alone."""
+    """Nothing trained, so nothing for `fmnist_lab.runs` to list: the error is on the console alone (bad values
+    and files: tests/test_errors.py)."""
     result = run_cli(tmp_path, "device=cpu", *(o.format(tmp=tmp_path) for o in overrides), check=False)
     assert result.returncode == 1 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
     assert not list(tmp_path.rglob(".hydra")) and not list(tmp_path.rglob("metrics.json"))

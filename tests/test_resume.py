@@ -21,7 +21,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import compose_cfg, only_run_dir, run_cli
 from fmnist_lab.config import ConfigError, validate
 from fmnist_lab.evaluate import main as evaluate_main
-from fmnist_lab.run_dir import RUN_STAMP, ResumeError, RunDir, atomic_write, find_run
+from fmnist_lab.run_dir import RUN_STAMP, BadFileError, ResumeError, RunDir, atomic_write, find_run
 
 # 200 batches of 128 a epoch: a second or so, long enough to stop in the middle of epoch 2
 # without the ONNX export and the test report, which these tests are not about
@@ -326,26 +326,33 @@ def test_resume_runs_no_code_that_a_saved_config_names(finished_run, tmp_path):
 
 
 OPEN = "{_target_: builtins.open, file: PWNED, mode: w}"
+UNSAFE_ENTRIES = {"oc.create": f"pwn: '${{oc.create:{OPEN}}}'",  # builds a callback to instantiate
+                  "oc.decode": "pwn: '${oc.decode:\"{_target_: builtins.open, file: PWNED, mode: w}\"}'",
+                  "interpolated-name": f"how: oc.create\n  pwn: '${{${{.how}}:{OPEN}}}'",  # a resolver named by a key
+                  "oc.env": "pwn: ${oc.env:HOME}"}  # reads this machine's environment
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("entry", [f"pwn: '${{oc.create:{OPEN}}}'",  # builds a callback to instantiate
-                                   "pwn: '${oc.decode:\"{_target_: builtins.open, file: PWNED, mode: w}\"}'",
-                                   f"how: oc.create\n  pwn: '${{${{.how}}:{OPEN}}}'",  # a resolver named by a key
-                                   "pwn: ${oc.env:HOME}"],  # reads this machine's environment
-                         ids=["oc.create", "oc.decode", "interpolated-name", "oc.env"])
-def test_a_saved_configs_interpolations_build_nothing(finished_run, tmp_path, entry):
+def test_a_saved_configs_interpolations_build_nothing(finished_run, tmp_path):
     """Interpolations in a saved config are resolved only when they refer to other keys or call a resolver
-    that only computes a value: resume and evaluate refuse the others before anything is built."""
+    that only computes a value: the run's config is refused (resume and evaluate read it through
+    RunDir.load_config) before anything is built."""
     run = copy_run(finished_run, tmp_path / "run")
     (run / "metrics.json").unlink()
     saved = (run / ".hydra" / "config.yaml").read_text()
-    (run / ".hydra" / "config.yaml").write_text(saved.replace("callbacks:\n", f"callbacks:\n  {entry}\n", 1))
-    for command in ([f"resume={run}"], [f"run={run}", "device=cpu"]):
-        module = "fmnist_lab" if command[0].startswith("resume") else "fmnist_lab.evaluate"
-        result = run_cli(tmp_path, *command, module=module, check=False)
-        assert result.returncode == 1 and "has interpolations that fmnist_lab does not resolve" in result.stderr
-        assert "Traceback" not in result.stderr and not (tmp_path / "PWNED").exists()
+    for name, entry in UNSAFE_ENTRIES.items():
+        (run / ".hydra" / "config.yaml").write_text(saved.replace("callbacks:\n", f"callbacks:\n  {entry}\n", 1))
+        with pytest.raises(BadFileError, match="has interpolations that fmnist_lab does not resolve"):
+            RunDir(run).load_config()
+        if name != "oc.create":
+            continue  # the commands, once: the attack as reported
+        for command in ([f"resume={run}"], [f"run={run}", "device=cpu"]):
+            module = "fmnist_lab" if command[0].startswith("resume") else "fmnist_lab.evaluate"
+            result = run_cli(tmp_path, *command, module=module, check=False)
+            assert result.returncode == 1 and "has interpolations that fmnist_lab does not resolve" in result.stderr
+            assert "Traceback" not in result.stderr and not (tmp_path / "PWNED").exists()
+    (run / ".hydra" / "config.yaml").write_text(saved)
+    assert RunDir(run).load_config().seed == 42  # the run's own config, with its ${...} references, loads
 
 
 @pytest.mark.slow
