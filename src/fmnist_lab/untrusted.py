@@ -66,8 +66,9 @@ def is_regular_file(path: Path) -> bool:
 def read_bytes(path: Path, limit: int = MAX_TEXT_BYTES) -> bytes:
     """The whole file, which must be a regular file of at most `limit` bytes; BadFileError naming it if not."""
     with open_regular(path) as f:
-        data = f.read(limit + 1) if os.fstat(f.fileno()).st_size <= limit else b"x" * (limit + 1)
-    if len(data) > limit:
+        # the size first: a huge file is refused without reading it; the bounded read catches one that grows
+        data = f.read(limit + 1) if os.fstat(f.fileno()).st_size <= limit else None
+    if data is None or len(data) > limit:
         raise BadFileError(f"{path} is larger than {limit:,} bytes, far more than fmnist_lab writes there; it is "
                            "not read. Restore the file from a copy, or remove it.")
     return data
