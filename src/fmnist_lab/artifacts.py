@@ -289,6 +289,7 @@ def verify_onnx(net: nn.Module, path: Path, images: torch.Tensor, atol: float = 
         allowed = atol * max(1.0, scale / LOGIT_SCALE)
         result.update(max_abs_diff=max(diffs), argmax_equal=same, max_abs_logit=scale, allowed=allowed)
         result["problem"] = onnx_problem(finite, scale, max(diffs), allowed, same)
+        result["diverged"] = result["problem"] is not None and (not finite or scale > DIVERGED)
     except Exception as err:  # a checker or runtime failure is a verification result, reported the same way
         result["problem"] = f"{type(err).__name__}: {err}"
     result["ok"] = result["problem"] is None

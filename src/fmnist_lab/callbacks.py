@@ -294,7 +294,7 @@ class OnnxExport(Callback):
         if not result["ok"]:
             message = (f"ONNX verification failed for {self.path}: {result['problem']}. The checkpoints are "
                        "intact; set callbacks.onnx_export.strict=false to keep the run with a warning instead.")
-            if result["problem"].startswith("the network diverged"):  # the export is faithful; training is not
+            if result.get("diverged"):  # the export is faithful; training is not
                 message = (f"Training diverged: {result['problem']}. The export itself ({self.path}) is not the "
                            "cause; the checkpoints are intact.")
             if self.strict:

@@ -76,7 +76,8 @@ def model_function(run: str | Path, target):
             return predict_split(net, loader, target)
 
     if len(classes) != len(CLASSES):
-        raise BadFileError(f"{run} classifies into {len(classes)} classes; the FashionMNIST test has {len(CLASSES)}.")
+        raise BadFileError(f"{run} classifies into {len(classes)} classes; the FashionMNIST test has {len(CLASSES)}. "
+                           "Give a model trained on FashionMNIST's classes.")
     return classify
 
 

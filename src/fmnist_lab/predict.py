@@ -159,7 +159,8 @@ def load_predictor(model: str) -> tuple[Callable[[np.ndarray], np.ndarray], list
                     return net(torch.from_numpy(x)).numpy()
             except RuntimeError as err:  # e.g. out of memory
                 raise BadFileError(f"{path}: the network failed on a batch of {len(x)} images "
-                                   f"({str(err).splitlines()[0] if str(err) else type(err).__name__}).") from err
+                                   f"({str(err).splitlines()[0] if str(err) else type(err).__name__}). Free "
+                                   "memory, or use a model that a run wrote.") from err
 
     def predict(x: np.ndarray) -> np.ndarray:
         logits = run(x)
@@ -195,6 +196,8 @@ def onnx_predictor(path: Path) -> tuple[Callable[[np.ndarray], np.ndarray], list
             if "Available memory" in str(err):
                 cause = (f"it asks for more than the {ORT_MEMORY:,} bytes fmnist_lab lets ONNX Runtime use for a "
                          "batch (an fmnist_lab export needs a few MB); use a model that a run exported")
+            if "Available memory" not in str(err):
+                cause += "; export the model again with fmnist_lab"
             raise BadFileError(f"ONNX Runtime could not run {path} on a batch of {len(x)} images: {cause}") from err
 
     return run, classes

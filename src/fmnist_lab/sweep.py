@@ -255,7 +255,7 @@ class SweepSummary(Callback):
             return
         sweep_dir = Path(config.hydra.sweep.dir)
         check_sweep_dir(sweep_dir)
-        if "fmnist_lab_joblib" in str(config.hydra.launcher.get("_target_")):
+        if stops_in_the_sweep_process(config):
             from hydra_plugins.fmnist_lab_joblib import catch_signals
 
             catch_signals(config)  # from here on a signal stops the sweep as a whole (see that launcher)
@@ -297,7 +297,7 @@ class SweepSummary(Callback):
         append_row(summary, row)
         # a signal stops the whole sweep, with the books written; fmnist_lab's joblib launcher does it in the sweep
         # process (from a worker, SystemExit would make joblib end the other jobs without a word)
-        if row["status"] == "interrupted" and "fmnist_lab_joblib" not in str(config.hydra.launcher.get("_target_")):
+        if row["status"] == "interrupted" and not stops_in_the_sweep_process(config):
             self.write_summary(Path(config.hydra.sweep.dir))
             print(f"sweep stopped: job {row['job']} was interrupted ({row['error']}); every finished job is in "
                   f"{Path(config.hydra.sweep.dir) / 'summary.csv'}", file=sys.stderr)
@@ -317,6 +317,12 @@ class SweepSummary(Callback):
 
     def write_summary(self, sweep_dir: Path) -> None:
         write_summary(sweep_dir, self.metric, self.mode)
+
+
+def stops_in_the_sweep_process(config: DictConfig) -> bool:
+    """fmnist_lab's joblib launcher stops a sweep as a whole in the sweep process (its jobs run in workers, where
+    this callback's object is a new one each job: hence read from the config, not kept)."""
+    return "fmnist_lab_joblib" in str(config.hydra.launcher.get("_target_"))
 
 
 def write_summary(sweep_dir: Path, metric: str, mode: str) -> None:

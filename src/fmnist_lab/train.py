@@ -31,7 +31,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 import fmnist_lab
-from fmnist_lab.artifacts import freeze, parameter_counts, save_weights, warm_start
+from fmnist_lab.artifacts import DIVERGED, freeze, parameter_counts, save_weights, warm_start
 from fmnist_lab.callbacks import RunStamp, SignalRelay, show, to_log_file
 from fmnist_lab.config import ConfigError
 from fmnist_lab.data import CLASSES
@@ -360,7 +360,7 @@ def report(run: RunDir, metrics: dict, tensorboard: bool) -> None:
             f"({metrics['epochs']} epochs, {metrics['train_seconds']:.1f} s training on {metrics['device']})")
     show(rest, bold=acc)
     to_log_file(f"{acc}  {rest}")
-    if not metrics["test/loss"] < 1e4:  # chance level is ln(10) = 2.3: the logits have blown up
+    if not metrics["test/loss"] < DIVERGED:  # chance level is ln(10) = 2.3: the logits have blown up
         show(f"warning: test/loss {metrics['test/loss']:.3g}: training diverged; try a smaller lr.")
     files = [f.name + ("/" if f.is_dir() else "") for f in (run.metrics, run.checkpoints, run.weights) if f.exists()]
     files += ["model.onnx (verified)"] if metrics.get("onnx", {}).get("ok") else []

@@ -103,7 +103,8 @@ def check_yaml(text: str, source: Path) -> None:
                                    "writes (and which can expand a small file into gigabytes); it is not read. "
                                    "Restore the file from a copy.")
     except yaml.YAMLError as err:
-        raise BadFileError(f"{source} is damaged: it is not valid YAML ({type(err).__name__}).") from err
+        raise BadFileError(f"{source} is damaged: it is not valid YAML ({type(err).__name__}). Restore it from a "
+                           "copy, or remove it.") from err
 
 
 def load_yaml(path: Path) -> Any:
@@ -113,7 +114,8 @@ def load_yaml(path: Path) -> Any:
     try:
         return yaml.load(text, Loader=YAML_LOADER)
     except (yaml.YAMLError, ValueError, RecursionError) as err:  # ValueError: a number of thousands of digits
-        raise BadFileError(f"{path} is damaged: it is not valid YAML ({type(err).__name__}).") from err
+        raise BadFileError(f"{path} is damaged: it is not valid YAML ({type(err).__name__}). Restore it from a "
+                           "copy, or remove it.") from err
 
 
 def strings(node: Any) -> list[str]:
