@@ -4,13 +4,18 @@
 #        scripts/slurm_cluster.sh stop <dir>
 # Everything (config, pid files, spool, logs) lives in <dir>; /etc/slurm is not used. Needs root.
 # Progress goes to stderr so that `eval "$(scripts/slurm_cluster.sh start DIR)"` works.
+# SLURM_CLUSTER_PORT (default 17000) is slurmctld's port; the nodes take the next ones (two clusters at once need
+# ports of their own). Exit code 3: SLURM cannot be set up on this machine (not root, or the packages cannot be
+# installed); any other failure is 1.
 set -euo pipefail
 
 NODES=(n1 n2)
-CTLD_PORT=17000 # away from the default 6817/6818 so a system slurm, if any, does not clash
+# away from the default 6817/6818 so a system slurm, if any, does not clash
+CTLD_PORT=${SLURM_CLUSTER_PORT:-17000}
 
 log() { echo "slurm_cluster: $*" >&2; }
 die() { log "$*"; exit 1; }
+cannot() { log "$*"; exit 3; }
 
 # True when the pid in pid file $1 is a live process.
 running() { [[ -s $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
@@ -18,8 +23,9 @@ running() { [[ -s $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 ensure_packages() {
     command -v slurmctld >/dev/null && command -v munged >/dev/null && return 0
     log "installing slurm-wlm and munge with apt-get (log: $DIR/apt.log)"
-    { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y slurm-wlm munge; } \
-        >"$DIR/apt.log" 2>&1 || die "apt-get install slurm-wlm munge failed; see $DIR/apt.log"
+    command -v apt-get >/dev/null || cannot "slurm-wlm and munge are not installed, and there is no apt-get to install them"
+    { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y slurm-wlm munge; } >"$DIR/apt.log" 2>&1 ||
+        cannot "apt-get install slurm-wlm munge failed: $(tail -n 3 "$DIR/apt.log" | tr '\n' ' ')(log: $DIR/apt.log)"
 }
 
 munge_ok() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
@@ -46,7 +52,7 @@ ensure_hosts() {
 }
 
 write_conf() {
-    local host n port=17001
+    local host n port=$((CTLD_PORT + 1))
     host=$(hostname)
     mkdir -p "$DIR/state" "${NODES[@]/#/$DIR/spool/}"
     cat >"$DIR/slurm.conf" <<EOF
@@ -130,7 +136,7 @@ stop() {
 }
 
 [[ $# -eq 2 && ( $1 == start || $1 == stop ) ]] || die "usage: $0 start|stop <dir>"
-[[ $(id -u) -eq 0 ]] || die "must run as root (installs packages, starts daemons as root)"
+[[ $(id -u) -eq 0 ]] || cannot "must run as root (installs packages, starts daemons as root)"
 mkdir -p "$2"
 DIR=$(cd "$2" && pwd)
 "$1"

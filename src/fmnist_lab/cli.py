@@ -11,6 +11,7 @@ import errno
 import logging
 import math
 import shutil
+import signal
 import sys
 from contextlib import nullcontext, suppress
 from typing import Any
@@ -40,12 +41,15 @@ register()  # the typed schema conf/train.yaml builds on
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """One job. Returns the objective for sweepers: `optimized_metric`, or None for a failed job."""
-    from fmnist_lab.sweep import is_multirun, share_machine  # heavy imports here: `--help` answers at once
+    from fmnist_lab.sweep import is_multirun, share_machine, use_slurm_cpus  # heavy imports: `--help` answers at once
 
     launcher = HydraConfig.get().launcher.get("_target_", "") if is_multirun() else None
+    use_slurm_cpus()
     if launcher is not None:
         share_machine(cfg)
     value, failure, exit_code = run_job(cfg, launcher)
+    if exit_code == 128 + signal.SIGUSR2:
+        failure = requeue_on_slurm(RunDir(cfg.paths.output_dir), failure)
     if failure is None:
         return value
     if launcher is not None:  # the summary lists this job with the error; an interrupted job stops the sweep
@@ -125,6 +129,25 @@ def do_job(cfg: DictConfig, run: RunDir, sweep_launcher: str | None) -> dict:
     # A sweep job that stopped (a signal, a kill, a requeued SLURM job) continues from its last.ckpt in its own
     # folder; one that stopped before its first checkpoint starts again.
     return train(cfg, resume=sweep_launcher is not None and run.last.is_file())
+
+
+def requeue_on_slurm(run: RunDir, failure: str) -> str:
+    """SLURM warned of the job's end (USR2, before its time limit or on preemption), and the run stopped at the end
+    of a batch with its last.ckpt. Now submitit's handler, which the run kept aside (fmnist_lab.train), requeues
+    the job and exits; or it raises when the job used up its requeues (max_num_timeout), which the run's
+    metrics.json then says."""
+    handler = signal.getsignal(signal.SIGUSR2)
+    if not callable(handler):
+        return failure
+    try:
+        handler(signal.SIGUSR2, None)
+    except Exception as err:
+        why = str(err).removeprefix("Job not requeued because: ").rstrip(".")
+        failure = (f"{failure.split(';')[0]}; submitit requeues it no more ({why}). Raise hydra.launcher.timeout_min "
+                   "or max_num_timeout, then run the same sweep again: the job continues from its last.ckpt.")
+        if is_rank_zero():
+            run.update(error=failure)
+    return failure
 
 
 class JobFailed(Exception):

@@ -102,7 +102,6 @@ def register() -> None:
     OmegaConf.register_new_resolver("unique_dir", unique_dir, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("config_subdir", config_subdir, replace=True)
     OmegaConf.register_new_resolver("slurm_tasks", slurm_tasks, replace=True)
-    OmegaConf.register_new_resolver("slurm_gpus", slurm_gpus, replace=True)
     OmegaConf.register_new_resolver("rank_suffix", rank_suffix, replace=True)
     # a store URI (sqlite:///<absolute path>) from a folder given relative to where runs start
     OmegaConf.register_new_resolver("abspath", lambda path: str(Path(path).resolve()), replace=True)
@@ -119,10 +118,6 @@ def slurm_tasks(strategy: str, devices: Any) -> int:
     """SLURM tasks per node: under trainer=ddp one per device (each task is a rank; Lightning reads SLURM's
     variables and starts no processes of its own), else one."""
     return devices if strategy == "ddp" and isinstance(devices, int) else 1
-
-
-def slurm_gpus(device: str, tasks: int) -> int | None:
-    return None if device == "cpu" else tasks  # None: no --gpus-per-node line for CPU partitions
 
 
 def check(ok: bool, key: str, value: Any, allowed: str) -> None:

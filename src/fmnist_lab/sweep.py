@@ -17,6 +17,7 @@ import math
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fmnist_lab.run_dir import BadFileError, RunDir, atomic_write, is_rank_zero
 from fmnist_lab.untrusted import is_regular_file, load_yaml
@@ -42,9 +43,10 @@ def is_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def job_row(config: DictConfig, job_return: JobReturn, metric: str) -> dict[str, Any]:
+def job_row(run_dir: str | Path, num: int, overrides: list[str], model: str, job_return: JobReturn,
+            metric: str) -> dict[str, Any]:
     """One job's row: its own metrics.json when it got that far, else the exception Hydra caught."""
-    run = RunDir(config.hydra.runtime.output_dir)
+    run = RunDir(run_dir)
     metrics = run.read_metrics()
     error = metrics.get("error")
     if job_return.status == JobStatus.FAILED and not error:
@@ -53,8 +55,8 @@ def job_row(config: DictConfig, job_return: JobReturn, metric: str) -> dict[str,
         except Exception as err:
             error = f"{type(err).__name__}: {err}"
     status = metrics.get("status") or ("failed" if error or job_return.status == JobStatus.FAILED else "ok")
-    return {**metrics_row(metrics, status, error, metric), "job": config.hydra.job.num,
-            "overrides": " ".join(config.hydra.overrides.task), "run_dir": str(run.path), "model": model_name(config)}
+    return {**metrics_row(metrics, status, error, metric), "job": num, "overrides": " ".join(overrides),
+            "run_dir": str(run.path), "model": model}
 
 
 def metrics_row(metrics: dict[str, Any], status: str, error: str | None, metric: str) -> dict[str, Any]:
@@ -80,22 +82,46 @@ def mark_unfinished(run: RunDir, why: str) -> None:
     run.update(status="interrupted", error=why)
 
 
-def unfinished_row(job: int, overrides: list[str], run_dir: Path, reason: str, metric: str) -> dict[str, Any]:
-    """The row of a job that did not end through Hydra in a sweep that stopped for `reason` (written by the
-    launcher, which composes no job config for it: the model comes from the job's saved config, when it has one).
-    Interrupted, unless its metrics.json says otherwise."""
+def unfinished_row(job: int, overrides: list[str], run_dir: Path, why: str, metric: str) -> dict[str, Any]:
+    """The row of a job that did not end through Hydra, for `why` (written by the launcher, which composes no job
+    config for it: the model comes from the job's saved config, when it has one). Interrupted, unless its
+    metrics.json says otherwise."""
     run = RunDir(run_dir)
     row = {"job": job, "overrides": " ".join(overrides), "run_dir": str(run.path), "model": saved_model(run)}
     if not run.path.is_dir():
-        return {**row, "status": "interrupted", "error": f"not started: the sweep stopped ({reason})"}
-    mark_unfinished(run, f"cut off: the sweep stopped ({reason})")
+        return {**row, "status": "interrupted", "error": f"not started: {why}"}
+    mark_unfinished(run, f"cut off: {why}")
     try:
         metrics = run.read_metrics()
     except BadFileError as err:
         return {**row, "status": "failed", "error": str(err)[:300]}
     status = metrics.get("status", "ok") if metrics else "interrupted"  # a folder it cannot write: not marked
-    error = metrics.get("error") or (f"cut off: the sweep stopped ({reason})" if status == "interrupted" else None)
+    error = metrics.get("error") or (f"cut off: {why}" if status == "interrupted" else None)
     return {**row, **metrics_row(metrics, status, error, metric)}
+
+
+def job_config(hydra_context: Any, config: DictConfig, overrides: Sequence[str], idx: int) -> DictConfig:
+    """Job `idx`'s config, as Hydra's launchers compose it."""
+    sweep_config = hydra_context.config_loader.load_sweep_config(config, list(overrides))
+    with open_dict(sweep_config):
+        sweep_config.hydra.job.id = f"{sweep_config.hydra.job.name}_{idx}"
+        sweep_config.hydra.job.num = idx
+    return sweep_config
+
+
+def job_dir(launcher: Any, overrides: Sequence[str], idx: int) -> Path:
+    """Where job `idx` writes (or would have written) its files."""
+    config = launcher.config
+    sweep_dir = Path(str(config.hydra.sweep.dir))
+    if OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir") == "${hydra.job.num}":
+        return sweep_dir / str(idx)  # fmnist_lab's own: no need to compose the job's config (a quarter second)
+    job = job_config(launcher.hydra_context, config, overrides, idx)
+    before = HydraConfig.instance().cfg
+    HydraConfig.instance().set_config(job)  # a subdir may use ${hydra:...}
+    try:
+        return sweep_dir / str(job.hydra.sweep.subdir)
+    finally:
+        HydraConfig.instance().cfg = before
 
 
 def saved_model(run: RunDir) -> str:
@@ -110,6 +136,13 @@ def saved_model(run: RunDir) -> str:
 def model_name(config: DictConfig) -> str:
     """The network's class name (MLP, CNN, a registered one), from the job's config."""
     return str(config.model.get("_target_", "")).rsplit(".", 1)[-1]
+
+
+def record(path: Path, row: dict[str, Any]) -> None:
+    """Append a job's row to summary.csv, unless the job ended in an earlier run of the same sweep: its row is
+    there already."""
+    if not any(r["run_dir"] == row["run_dir"] and r["status"] in ("ok", "failed") for r in read_rows(path)):
+        append_row(path, row)
 
 
 def append_row(path: Path, row: dict[str, Any]) -> None:
@@ -284,17 +317,15 @@ class SweepSummary(Callback):
         self.earlier_rows = len(read_rows(path))  # the exit code is about this invocation's jobs
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        if config.hydra.mode != RunMode.MULTIRUN or not is_rank_zero():
+        if config.hydra.mode != RunMode.MULTIRUN or not is_rank_zero() or rows_in_the_sweep_process(config):
             return
         try:
-            row = job_row(config, job_return, self.metric)
+            row = job_row(config.hydra.runtime.output_dir, config.hydra.job.num, config.hydra.overrides.task,
+                          model_name(config), job_return, self.metric)
         except Exception as err:  # Hydra would only warn: never lose the row, say what went wrong in it
             row = {"job": config.hydra.job.num, "status": "failed", "overrides": " ".join(config.hydra.overrides.task),
                    "error": f"summary could not read this job's result: {type(err).__name__}: {err}"}
-        summary = Path(config.hydra.sweep.dir) / "summary.csv"
-        if any(r["run_dir"] == row["run_dir"] and r["status"] in ("ok", "failed") for r in read_rows(summary)):
-            return  # a job of a continued sweep that had ended: its row is there already
-        append_row(summary, row)
+        record(Path(config.hydra.sweep.dir) / "summary.csv", row)
         # a signal stops the whole sweep, with the books written; fmnist_lab's joblib launcher does it in the sweep
         # process (from a worker, SystemExit would make joblib end the other jobs without a word)
         if row["status"] == "interrupted" and not stops_in_the_sweep_process(config):
@@ -323,6 +354,12 @@ def stops_in_the_sweep_process(config: DictConfig) -> bool:
     """fmnist_lab's joblib launcher stops a sweep as a whole in the sweep process (its jobs run in workers, where
     this callback's object is a new one each job: hence read from the config, not kept)."""
     return "fmnist_lab_joblib" in str(config.hydra.launcher.get("_target_"))
+
+
+def rows_in_the_sweep_process(config: DictConfig) -> bool:
+    """fmnist_lab's SLURM launcher writes every job's row itself, once SLURM says the job has ended: a job that
+    SLURM or submitit requeues runs again, and only its last run has the result."""
+    return "fmnist_lab_slurm" in str(config.hydra.launcher.get("_target_"))
 
 
 def write_summary(sweep_dir: Path, metric: str, mode: str) -> None:
@@ -398,6 +435,29 @@ def count_jobs(task_overrides: list[str]) -> int:
         return math.prod(len(list(o.sweep_string_iterator())) if o.is_sweep_override() else 1 for o in overrides)
     except Exception:  # a sweep syntax that cannot be counted ahead: only the thread split loses, not the sweep
         return 1
+
+
+def slurm_cpus() -> int | None:
+    """The CPUs SLURM gave this task (None outside a SLURM job): --cpus-per-task, else the job's CPUs on this node
+    shared by its tasks there."""
+    env = os.environ
+    try:
+        if env.get("SLURM_CPUS_PER_TASK"):
+            return max(1, int(env["SLURM_CPUS_PER_TASK"]))
+        return max(1, int(env["SLURM_CPUS_ON_NODE"]) // max(1, int(env.get("SLURM_NTASKS_PER_NODE") or 1)))
+    except (KeyError, ValueError):  # not a SLURM job
+        return None
+
+
+def use_slurm_cpus() -> None:
+    """A job in a SLURM allocation trains with one thread per CPU it was given: PyTorch's default, one per core of
+    the node, would crowd the cores of the node's other jobs (and its own other tasks)."""
+    cpus = slurm_cpus()
+    if cpus is not None:
+        import torch
+
+        torch.set_num_threads(cpus)
+        log.info(f"SLURM gave this task {cpus} CPU(s): training uses {cpus} CPU thread(s)")
 
 
 def share_machine(cfg: DictConfig) -> None:

@@ -144,7 +144,9 @@ def signals_noted():
     During fit and test Lightning calls the SIGTERM handler after its own and stops training at the end of a
     batch, and the job checks the note between its phases (stop_if_signalled). A first Ctrl-C is turned into
     that same SIGTERM: a KeyboardInterrupt would land anywhere (between a backward pass and its optimizer step,
-    say), and a checkpoint saved there resumes into a different run. A second Ctrl-C stops at once."""
+    say), and a checkpoint saved there resumes into a different run. A second Ctrl-C stops at once.
+    In a SLURM job of fmnist_lab's launcher, SLURM's warning before the time limit (USR2, for which submitit set
+    a handler that requeues the job) takes the same path; the CLI hands it to submitit once the run has stopped."""
     noted: list[int] = []
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield noted
@@ -156,9 +158,15 @@ def signals_noted():
         noted.append(signum)
         signal.raise_signal(signal.SIGTERM)
 
+    def on_slurm_warning(signum, frame) -> None:
+        noted.append(signum)
+        signal.raise_signal(signal.SIGTERM)
+
     previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: noted.append(signum))}
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where Ctrl-C is ignored (nohup, &)
         previous[signal.SIGINT] = signal.signal(signal.SIGINT, on_sigint)
+    if callable(signal.getsignal(signal.SIGUSR2)):  # submitit's: elsewhere USR2 keeps its default
+        previous[signal.SIGUSR2] = signal.signal(signal.SIGUSR2, on_slurm_warning)
     try:
         yield noted
     finally:
@@ -173,6 +181,8 @@ def stop_if_signalled(run: RunDir, trainer: pl.Trainer, noted: list[int], contex
         return
     ctrl_c = signal.SIGINT in noted or (trainer.interrupted and not noted)
     how, code = ("Ctrl-C", 130) if ctrl_c else ("SIGTERM", 128 + signal.SIGTERM)
+    if signal.SIGUSR2 in noted:
+        how, code = "USR2 (SLURM's warning before the time limit, or of preemption)", 128 + signal.SIGUSR2
     if trainer.is_global_zero:
         run.mark_interrupted(how, trainer.global_step, trainer.current_epoch, **context)
     raise Interrupted(f"{how} stopped the run at step {trainer.global_step}; {run.metrics} marks it interrupted. "
@@ -245,6 +255,7 @@ def train(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
             "device": str(trainer.strategy.root_device),
             "precision": str(trainer.precision),
             "cpu_threads": torch.get_num_threads(),
+            "world_size": trainer.world_size,  # processes that trained (DDP ranks)
             "started": started,
             "finished": now(),
             "versions": {"fmnist_lab": fmnist_lab.__version__, "torch": torch.__version__, "lightning": pl.__version__,
@@ -338,7 +349,7 @@ def log_final(loggers: list, config: dict, metrics: dict, files: list[Path], sta
             if isinstance(logger, MLflowLogger):  # its own names: test/acc beside the curves of the same name
                 logger.log_hyperparams(hparams)
                 numbers = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-                logger.log_metrics({k: v for k, v in numbers.items() if k not in ("seed", "cpu_threads")},
+                logger.log_metrics({k: v for k, v in numbers.items() if k not in ("seed", "cpu_threads", "world_size")},
                                    step=metrics["global_step"])
                 logger.log_files(files)
             elif "metrics" in inspect.signature(logger.log_hyperparams).parameters:

@@ -27,7 +27,7 @@ YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when pres
 # Resolvers a saved config may call: the ones fmnist_lab's configs use that only compute a value. Left out on
 # purpose: oc.create and oc.decode (they build nodes, e.g. a `_target_`, from text), oc.env (a file from
 # elsewhere would read this machine's environment), and run_dir/unique_dir (they create folders).
-SAFE_RESOLVERS = frozenset({"hydra", "now", "oc.select", "abspath", "rank_suffix", "slurm_tasks", "slurm_gpus"})
+SAFE_RESOLVERS = frozenset({"hydra", "now", "oc.select", "abspath", "rank_suffix", "slurm_tasks"})
 # what may follow `${`: a key (`lr`, `.tasks_per_node`, `a.b[0]`) and `}`, or a resolver's name and `:`
 INTERPOLATION = re.compile(r"\$\{\s*([\w.\-\[\]]+)\s*([:}])")
 

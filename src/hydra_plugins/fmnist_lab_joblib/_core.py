@@ -32,7 +32,7 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from fmnist_lab import sweep as summary
 from fmnist_lab.run_dir import BadFileError, RunDir, atomic_write
@@ -143,15 +143,6 @@ class Stoppable:
                 signal.signal(signal.SIGINT, previous)
 
 
-def job_config(hydra_context: Any, config: DictConfig, overrides: Sequence[str], idx: int) -> DictConfig:
-    """Job `idx`'s config, as hydra-joblib-launcher composes it."""
-    sweep_config = hydra_context.config_loader.load_sweep_config(config, list(overrides))
-    with open_dict(sweep_config):
-        sweep_config.hydra.job.id = f"{sweep_config.hydra.job.name}_{idx}"
-        sweep_config.hydra.job.num = idx
-    return sweep_config
-
-
 def execute_job(idx: int, overrides: Sequence[str], hydra_context: Any, config: DictConfig, task_function: Any,
                 singleton_state: dict, sweep: Sweep) -> tuple[int, JobReturn | None, str | None]:
     """One job, in a worker (in the sweep process itself when joblib runs a single job at a time). Returns
@@ -161,7 +152,7 @@ def execute_job(idx: int, overrides: Sequence[str], hydra_context: Any, config: 
         return idx, None, "not started"
     setup_globals()
     Singleton.set_state(singleton_state)
-    sweep_config = job_config(hydra_context, config, overrides, idx)
+    sweep_config = summary.job_config(hydra_context, config, overrides, idx)
     HydraConfig.instance().set_config(sweep_config)
     started = time.time()
     try:
@@ -295,21 +286,6 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     return [returns[idx] for idx in jobs]
 
 
-def job_dir(launcher: Any, overrides: Sequence[str], idx: int) -> Path:
-    """Where job `idx` writes (or would have written) its files."""
-    config = launcher.config
-    sweep_dir = Path(str(config.hydra.sweep.dir))
-    if OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir") == "${hydra.job.num}":
-        return sweep_dir / str(idx)  # fmnist_lab's own: no need to compose the job's config (a quarter second)
-    job = job_config(launcher.hydra_context, config, overrides, idx)
-    before = HydraConfig.instance().cfg
-    HydraConfig.instance().set_config(job)  # a subdir may use ${hydra:...}
-    try:
-        return sweep_dir / str(job.hydra.sweep.subdir)
-    finally:
-        HydraConfig.instance().cfg = before
-
-
 def end_stopped_sweep(launcher: Any, jobs: dict[int, list[str]], returns: dict[int, JobReturn], reason: str,
                       exit_code: int) -> None:
     """Every job that did not end through Hydra gets its row in summary.csv (interrupted, unless it ended
@@ -325,9 +301,9 @@ def end_stopped_sweep(launcher: Any, jobs: dict[int, list[str]], returns: dict[i
         for idx, overrides in jobs.items():
             if idx in returns:  # Hydra ran it to its end: SweepSummary wrote its row
                 continue
-            run_dir = job_dir(launcher, overrides, idx)
+            run_dir = summary.job_dir(launcher, overrides, idx)
             if str(run_dir) not in ended:  # else a job of a continued sweep that had ended: its row is there
-                row = summary.unfinished_row(idx, overrides, run_dir, reason, metric)
+                row = summary.unfinished_row(idx, overrides, run_dir, f"the sweep stopped ({reason})", metric)
                 summary.append_row(csv, row)
         rows = {r["job"]: r for r in summary.latest(summary.read_rows(csv))}
         unfinished = [str(idx) for idx in jobs if rows.get(str(idx), {}).get("status") == "interrupted"]
