@@ -129,7 +129,8 @@ stop_pid() {
 
 stop() {
     local n
-    for n in "${NODES[@]}"; do stop_pid "$DIR/slurmd-$n.pid"; done
+    for n in "${NODES[@]}"; do stop_pid "$DIR/slurmd-$n.pid" & done # the nodes at once: each takes seconds
+    wait
     stop_pid "$DIR/slurmctld.pid"
     if [[ -e $DIR/munged.started ]]; then stop_pid /run/munge/munged.pid; rm -f "$DIR/munged.started"; fi
     log "stopped"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,6 @@ from fmnist_lab.cli import config_dir
 from fmnist_lab.config import ConfigError, validate
 from fmnist_lab.data import DeviceLoader
 from fmnist_lab.evaluate import evaluate
-from test_resume import start_and_signal, train_loss_steps
 
 
 @pytest.mark.parametrize(("n", "world"), [(100, 2), (101, 3)])
@@ -107,32 +105,6 @@ def test_ddp_inside_a_local_sweep_is_refused_with_the_ways_that_work(monkeypatch
     validate(cfg)  # a single run: Lightning starts the ranks
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # under torchrun every rank already runs
     validate(cfg, sweep_launcher="hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher")
-
-
-@pytest.mark.slow
-def test_requeued_sweep_job_continues_from_last_ckpt_in_its_directory(synthetic_root, tmp_path, monkeypatch):
-    """What SLURM does with a job that submitit requeues on preemption: run it again (SLURM_RESTART_COUNT
-    set). After a SIGKILL in the middle of epoch 3, the job must continue from the end of epoch 2 in the same
-    directory, although val/acc stopped improving after epoch 1 (last.ckpt follows every epoch, best.ckpt
-    only the best), and log each step once."""
-    sweep_dir = tmp_path / "sweep"
-    args = ["-m", f"data.root={synthetic_root}", "device=cpu", "~callbacks.onnx_export", "~callbacks.report",
-            "trainer.log_every_n_steps=20",
-            "trainer.limit_train_batches=200", "trainer.limit_val_batches=2", f"hydra.sweep.dir={sweep_dir}"]
-    killed = start_and_signal(tmp_path, signal.SIGKILL, *args, after_epoch=2)
-    assert killed.returncode == -signal.SIGKILL and not (sweep_dir / "0" / "metrics.json").exists()
-    checkpoints = {p.name: torch.load(p, weights_only=True) for p in (sweep_dir / "0" / "checkpoints").glob("*")}
-    assert set(checkpoints) == {"best.ckpt", "last.ckpt"}  # complete files, nothing half-written beside them
-    assert checkpoints["best.ckpt"]["global_step"] == 200  # val/acc is 1.0 from epoch 1 on: no new best since
-    assert checkpoints["last.ckpt"]["global_step"] == 2 * 200
-
-    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
-    run_cli(tmp_path, *args, "epochs=3")
-    metrics = json.loads((sweep_dir / "0" / "metrics.json").read_text())
-    assert metrics["resumed_from_step"] == 400 and metrics["global_step"] == 600 and metrics["epochs"] == 3
-    (row,) = csv.DictReader((sweep_dir / "summary.csv").open())
-    assert row["status"] == "ok" and row["run_dir"] == str(sweep_dir / "0")
-    assert train_loss_steps(sweep_dir / "0") == list(range(20, 3 * 200 + 1, 20))  # once each, in order
 
 
 SLURM_CASES = {  # overrides, device -> what submitit is asked for

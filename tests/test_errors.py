@@ -55,6 +55,12 @@ def test_bad_config_is_one_clear_error(tmp_path, override, names, explains):
     assert not list(tmp_path.rglob(".hydra"))  # nothing ran: no run folder for `fmnist_lab.runs` to list
 
 
+def test_a_config_error_answers_before_torch_and_lightning_load(tmp_path):
+    """Loading them takes seconds (Lightning alone 9-16 s on a 2-core machine): a typo is told at once."""
+    result = run_cli(tmp_path, "epochs=0", check=False, blocked=("torch", "lightning"))
+    assert result.returncode == 1 and "epochs=0" in result.stderr and "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize(("override", "message"), BAD_NETWORK, ids=[b[0] for b in BAD_NETWORK])
 def test_bad_network_settings_are_one_clear_error_before_any_data(tmp_path, override, message):
     from fmnist_lab.config import ConfigError

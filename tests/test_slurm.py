@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -141,7 +142,7 @@ def test_ddp_over_two_nodes_trains_as_one_world(cluster, tmp_path):
 
 def test_a_job_requeued_by_slurm_continues_from_its_last_checkpoint(cluster, tmp_path):
     sweep_dir = tmp_path / "sweep"
-    process = start_sweep(cluster, sweep_dir, "debug=limit", "device=cpu", "epochs=25")
+    process = start_sweep(cluster, sweep_dir, "debug=limit", "device=cpu", "epochs=15")
     last = sweep_dir / "0" / "checkpoints" / "last.ckpt"
     wait_for(last.exists, "the first epoch's last.ckpt")
     job = job_id(cluster)
@@ -150,7 +151,7 @@ def test_a_job_requeued_by_slurm_continues_from_its_last_checkpoint(cluster, tmp
     out, err = process.communicate(timeout=300)
     assert process.returncode == 0, err[-3000:]
     recorded = metrics(sweep_dir / "0")
-    assert recorded["epochs"] == 25 and recorded["resumed_from_step"] > 0
+    assert recorded["epochs"] == 15 and recorded["resumed_from_step"] > 0
     (row,) = rows(sweep_dir)  # the first run's interruption is not a row of its own
     assert row["status"] == "ok", row
     steps = train_loss_steps(sweep_dir / "0")
@@ -195,6 +196,21 @@ def test_a_cancelled_job_has_a_row_that_says_so_and_fails_the_sweep(cluster, tmp
     (row,) = rows(sweep_dir)
     assert row["status"] == "interrupted" and f"SLURM job {job} ended CANCELLED" in row["error"], row
     assert "1 of 1 sweep jobs failed" in err
+
+
+def test_a_stopped_sweep_process_leaves_its_jobs_running_and_says_how_to_stop_them(cluster, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    process = start_sweep(cluster, sweep_dir, "debug=limit", "device=cpu", "epochs=200")
+    wait_for((sweep_dir / "0" / "checkpoints" / "last.ckpt").exists, "the first epoch's last.ckpt")
+    job = job_id(cluster)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=60)
+    try:
+        assert process.returncode == 128 + signal.SIGTERM
+        assert f"sweep stopped (SIGTERM): 1 SLURM job(s) go on without it ({job}); `scancel {job}`" in err
+        assert slurm(cluster, "squeue", "-h", "-j", job, "-o", "%T").strip() == "RUNNING"
+    finally:
+        slurm(cluster, "scancel", job)
 
 
 @pytest.mark.parametrize(("override", "quoted", "key"), [

@@ -5,8 +5,10 @@ from __future__ import annotations
 import gzip
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 DEBIAN_ROOT = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -47,6 +49,8 @@ def read_idx(path: Path, magic: int) -> torch.Tensor:
 
     The payload is decompressed straight into the tensor's memory: no intermediate copies of the file.
     """
+    import torch  # here: DataError and the file names are imported by checks that answer before torch loads
+
     kind = "image" if magic == IMAGE_MAGIC else "label"
     try:
         with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:

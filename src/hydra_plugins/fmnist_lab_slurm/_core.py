@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import logging
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -163,31 +167,72 @@ def launch(launcher: Any, job_overrides: Any, initial_job_idx: int) -> list[JobR
     first = next(iter(submitted.values()))
     log.info(f"submitted {len(jobs)} SLURM job(s) ({first.job_id.split('_')[0]}); their logs: "
              f"{first.paths.folder.parent}")
-    returns: dict[int, JobReturn] = {}
-    waiting, queue = dict(submitted), Queue()
-    ended_at: dict[int, float] = {}
+    waiting: dict[int, Any] = dict(submitted)
     try:
-        while waiting:
-            time.sleep(POLL_SECONDS)
-            states = queue.states([job.job_id for job in waiting.values()])
-            if states is None:
-                continue
-            for idx, job in list(waiting.items()):
-                state = states.get(job.job_id, "no longer listed")
-                if state not in ENDED and job.job_id in states:
-                    continue
-                has_result = job.task(0).paths.result_pickle.exists()
-                ended_at.setdefault(idx, time.time())
-                if has_result or time.time() - ended_at[idx] > RESULT_GRACE_SECONDS:
-                    returns[idx] = finish(launcher, idx, jobs[idx], job, state, has_result)
-                    del waiting[idx]
-    except KeyboardInterrupt:
+        with signals_stop_waiting():
+            returns = wait_for_jobs(launcher, jobs, waiting)
+    except SweepLeft as left:
         ids = " ".join(job.job_id for job in waiting.values())
         summary.write_summary(sweep_dir, *objective(config))
-        print(f"\nsweep stopped (Ctrl-C): {len(waiting)} SLURM job(s) go on without it ({ids}); `scancel {ids}` "
-              f"stops them. Every job that ended is in {sweep_dir / 'summary.csv'}.", file=sys.stderr)
-        raise SystemExit(130) from None
+        print(f"\nsweep stopped ({left.name}): {len(waiting)} SLURM job(s) go on without it ({ids}); "
+              f"`scancel {ids}` stops them. Every job that ended is in {sweep_dir / 'summary.csv'}.", file=sys.stderr)
+        raise SystemExit(left.exit_code) from None
     return [returns[idx] for idx in jobs]
+
+
+class SweepLeft(BaseException):
+    """Ctrl-C or SIGTERM to the sweep process while it waits: the jobs run on without it."""
+
+    def __init__(self, signum: int) -> None:
+        self.name, self.exit_code = ("Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name,
+                                     128 + signum)
+
+
+@contextmanager
+def signals_stop_waiting() -> Iterator[None]:
+    def leave(signum: int, frame: Any) -> None:
+        raise SweepLeft(signum)
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, leave)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where Ctrl-C is ignored (nohup, &)
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, leave)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def wait_for_jobs(launcher: Any, jobs: dict[int, list[str]], waiting: dict[int, Any]) -> dict[int, JobReturn]:
+    """Each job's JobReturn once SLURM says it has ended, its row written then; `waiting` keeps the others.
+    squeue is asked every few seconds while a job has a result file or has just ended without one, else less
+    often as the sweep goes on (at most every 30 s): a long sweep does not keep slurmctld busy."""
+    returns: dict[int, JobReturn] = {}
+    queue, ended_at = Queue(), {}
+    started = asked = time.time()
+    while waiting:
+        time.sleep(POLL_SECONDS)
+        news = ended_at or any(job.task(0).paths.result_pickle.exists() for job in waiting.values())
+        if not news and time.time() - asked < min(30.0, max(POLL_SECONDS, (time.time() - started) / 10)):
+            continue
+        asked = time.time()
+        states = queue.states([job.job_id for job in waiting.values()])
+        if states is None:
+            continue
+        for idx, job in list(waiting.items()):
+            state = states.get(job.job_id, "no longer listed")
+            if state not in ENDED and job.job_id in states:
+                continue
+            has_result = job.task(0).paths.result_pickle.exists()
+            ended_at.setdefault(idx, time.time())
+            if has_result or time.time() - ended_at[idx] > RESULT_GRACE_SECONDS:
+                returns[idx] = finish(launcher, idx, jobs[idx], job, state, has_result)
+                del waiting[idx]
+                del ended_at[idx]
+    return returns
 
 
 def objective(config: Any) -> tuple[str, str]:
