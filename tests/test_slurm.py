@@ -233,6 +233,9 @@ def test_gpu_partitions_are_read_from_sinfo():
     assert gpu_partitions(listing, default=True) == {"gpu"}
 
 
-def test_a_refusal_without_a_known_cause_names_the_launcher_options():
+def test_a_refusal_names_the_key_its_words_point_to_or_all_of_them():
     message = refusal("sbatch: error: Batch job submission failed: Something new\n")
     assert "Something new" in message and "hydra.launcher options" in message
+    message = refusal("sbatch: error: Batch job submission failed: Invalid account or account/partition "
+                      "combination specified\n")
+    assert "Change hydra.launcher.account and" in message

@@ -145,7 +145,7 @@ def signals_noted():
     batch, and the job checks the note between its phases (stop_if_signalled). A first Ctrl-C is turned into
     that same SIGTERM: a KeyboardInterrupt would land anywhere (between a backward pass and its optimizer step,
     say), and a checkpoint saved there resumes into a different run. A second Ctrl-C stops at once.
-    In a SLURM job of fmnist_lab's launcher, SLURM's warning before the time limit (USR2, for which submitit set
+    In a job that submitit started (hydra/launcher=slurm), SLURM's warning before the time limit (USR2, for which it set
     a handler that requeues the job) takes the same path; the CLI hands it to submitit once the run has stopped."""
     noted: list[int] = []
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers

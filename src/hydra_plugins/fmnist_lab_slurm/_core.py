@@ -89,14 +89,15 @@ def sbatch_parameters(params: dict[str, Any], device: str) -> dict[str, Any]:
     return {k if k in GENERIC else f"slurm_{k}": v for k, v in params.items()}
 
 
-# what sbatch says -> the launcher key to change
+# what sbatch says -> the launcher key to change; the first that matches (sbatch's "Invalid account or
+# account/partition combination" is about the account)
 REFUSALS = [
+    ("account", "hydra.launcher.account"),
+    ("qos", "hydra.launcher.qos"),
     ("partition", "hydra.launcher.partition (sinfo lists the cluster's partitions)"),
     ("memory", "hydra.launcher.mem_gb (leave it out for the partition's default)"),
     ("gres", "device=cpu, or hydra.launcher.gpus_per_node, for a partition without GPUs"),
     ("time limit", "hydra.launcher.timeout_min"),
-    ("account", "hydra.launcher.account"),
-    ("qos", "hydra.launcher.qos"),
     ("node configuration", "hydra.launcher.cpus_per_task or mem_gb, or trainer.devices / trainer.num_nodes "
                            "(tasks and nodes per job)"),
 ]
