@@ -300,3 +300,18 @@ def test_an_optuna_job_folder_with_damaged_overrides_stops_the_search_with_its_n
         recorded_value({"optimizer.lr": 0.1}, tmp_path / "search", "val/acc_best")
     assert str(stop.value).startswith(f"error: {overrides} uses YAML anchors or aliases")
     assert f"move its job folder {overrides.parent.parent} out of {tmp_path / 'search'}" in str(stop.value)
+
+
+def test_the_search_space_is_read_in_hydras_sweep_syntax():
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    from hydra_plugins.fmnist_lab_optuna import search_space
+
+    params = {"lr": "tag(log, interval(0.001, 0.3))", "batch_size": "choice(64, 128)", "epochs": "range(1, 4)",
+              "optimizer.momentum": "interval(0.5, 0.99)", "model.hidden": 'choice("[256,256]", "[512,512]")'}
+    space, fixed = search_space(params, ["seed=3", "data.val_size=range(1000, 3000, 1000)", "batch_size=32"])
+    assert space == {"lr": FloatDistribution(0.001, 0.3, log=True), "epochs": IntDistribution(1, 3),
+                     "optimizer.momentum": FloatDistribution(0.5, 0.99),
+                     "model.hidden": CategoricalDistribution(["[256,256]", "[512,512]"]),
+                     "data.val_size": IntDistribution(1000, 2000, step=1000)}
+    assert fixed == ["seed=3", "batch_size=32"]  # a value given on the command line is not searched

@@ -1,41 +1,32 @@
-"""fmnist_lab's Optuna sweeper: hydra-optuna-sweeper, with a search that can be continued and that ends in the
-sweep summary (and a non-zero exit) instead of a traceback.
+"""fmnist_lab's Optuna sweeper (`hparams_search=optuna`): a Hydra sweeper on Optuna's ask/tell API.
 
-- A failed job records its error in its metrics.json and returns no objective (one failure must not end a
-  grid sweep), which hydra-optuna-sweeper marks as a FAIL trial, so `max_failure_rate` applies. When
-  failures stop the search, or no trial finished, the plugin raises a ValueError; this sweeper logs why.
+- The search space: `hydra.sweeper.params` and any sweep override on the command line, in Hydra's override syntax
+  (`interval(a, b)`, `tag(log, interval(a, b))`, `choice(...)`, `range(a, b[, step])`), parsed with Hydra's
+  override parser. Other overrides are the same for every trial.
+- Trials are asked in batches of `n_jobs` and launched together through the chosen launcher (basic, joblib,
+  submitit, SLURM). A trial whose job failed or returned a non-finite objective is FAIL; a batch with more than
+  `max_failure_rate` of its trials failed stops the search, and the sweep summary says which jobs failed.
 - Run again with the same `hydra.sweep.dir`, a search continues its study (`<sweep dir>/optuna.db`):
   `n_trials` is the study's total, trials a killed search left RUNNING are closed (COMPLETE with the value
   their job recorded, else FAIL), and the sampler is reseeded, so new trials do not repeat the first ones.
 
-Hydra only loads sweepers from `hydra_plugins`, hence this package. Used by conf/hparams_search/optuna.yaml.
+Hydra only loads sweepers from `hydra_plugins`, hence this package; conf/hydra/sweeper/ holds its configs.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-try:
-    from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper as PluginSweeper
-except ImportError:  # the `sweep` extra is not installed: nothing to offer
-    PluginSweeper = None
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override, Transformer
+from hydra.core.plugins import Plugins
+from hydra.plugins.sweeper import Sweeper
 
 log = logging.getLogger(__name__)
-
-
-def existing_trials(study_name: str, storage: str | None) -> list:
-    """The trials of the study already in `storage` ([] for a new search)."""
-    import optuna
-
-    if storage is None or (storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///"):]).is_file()):
-        return []
-    try:
-        return optuna.load_study(study_name=study_name, storage=storage).trials
-    except KeyError:  # optuna's answer for a study that does not exist yet
-        return []
 
 
 def recorded_value(params: dict[str, Any], sweep_dir: Path, metric: str) -> float | None:
@@ -72,58 +63,112 @@ def job_overrides(path: Path) -> list[str]:
     return overrides
 
 
-if PluginSweeper is not None:
+def distribution(override: Override) -> Any:
+    """The Optuna distribution of one sweep override (choice, range, interval, with `tag(log, ...)`)."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-    class OptunaSweeper(PluginSweeper):
-        def __init__(self, **kwargs: Any) -> None:
-            self.study_name, self.storage = kwargs["study_name"], kwargs["storage"]
-            self.max_failure_rate = kwargs["max_failure_rate"]
-            earlier = len(existing_trials(self.study_name, self.storage))
-            if earlier:  # a continued search: n_trials in all, and a sampler that does not start over
-                kwargs["n_trials"] = max(0, kwargs["n_trials"] - earlier)
-                # Hydra hands over the sampler built with `seed`, which would propose the first trials again
-                kwargs["sampler"].reseed_rng()
-                log.info(f"continuing the study {self.study_name} ({earlier} trials so far): "
-                         f"{kwargs['n_trials']} more")
-            super().__init__(**kwargs)
+    name, value = override.get_key_element(), override.value()
+    if override.is_choice_sweep() or (override.is_range_sweep() and value.shuffle):
+        return CategoricalDistribution(list(override.sweep_iterator(transformer=Transformer.encode)))
+    if override.is_range_sweep():
+        # range(a, b) stops before b, as Python's range and Hydra's grid sweeps do
+        if any(isinstance(v, float) for v in (value.start, value.stop, value.step)):
+            return FloatDistribution(value.start, value.stop - value.step, step=value.step)
+        return IntDistribution(int(value.start), int(value.stop) - int(value.step), step=int(value.step))
+    if override.is_interval_sweep():
+        log_scale = "log" in value.tags
+        if isinstance(value.start, int) and isinstance(value.end, int):
+            return IntDistribution(value.start, value.end, log=log_scale)
+        return FloatDistribution(float(value.start), float(value.end), log=log_scale)
+    raise ValueError(f"{name}: a search parameter is a choice, range or interval sweep, not {override.input_line}")
 
-        def setup(self, *, hydra_context: Any, task_function: Any, config: Any) -> None:
-            super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
-            self.close_stale_trials(Path(config.hydra.sweep.dir), config.get("optimized_metric", "val/acc_best"))
 
-        def close_stale_trials(self, sweep_dir: Path, metric: str) -> None:
-            """Trials a killed search left RUNNING: COMPLETE with the value their job recorded, else FAIL."""
-            import optuna
+def search_space(params: dict[str, str] | None, arguments: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    """The distributions to search (from `params`, then the command line's sweep overrides) and the overrides
+    that every trial gets."""
+    parser = OverridesParser.create()
+    overrides = parser.parse_overrides([f"{k}={v}" for k, v in (params or {}).items()]) + \
+        parser.parse_overrides(list(arguments))
+    space: dict[str, Any] = {}
+    fixed: list[str] = []
+    for override in overrides:
+        name = override.get_key_element()
+        if override.is_sweep_override():
+            space[name] = distribution(override)
+            fixed = [f for f in fixed if f.split("=", 1)[0] != name]
+        else:
+            space.pop(name, None)  # a value given on the command line is not searched
+            fixed.append(override.input_line)
+    return space, fixed
 
-            stale = [t for t in existing_trials(self.study_name, self.storage)
-                     if t.state == optuna.trial.TrialState.RUNNING]
-            if not stale:
-                return
-            study = optuna.load_study(study_name=self.study_name, storage=self.storage)
-            for trial in stale:
-                value = recorded_value(trial.params, sweep_dir, metric)
+
+def objective(value: Any) -> float | None:
+    """A job's returned objective as a finite float, or None (a failed job returns None)."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+class OptunaSweeper(Sweeper):
+    def __init__(self, sampler: Any, direction: str, study_name: str, storage: str | None, n_trials: int,
+                 n_jobs: int, max_failure_rate: float, params: dict[str, str] | None = None) -> None:
+        self.sampler, self.direction, self.study_name, self.storage = sampler, direction, study_name, storage
+        self.n_trials, self.n_jobs, self.max_failure_rate = n_trials, max(1, n_jobs), max_failure_rate
+        self.params = dict(params or {})
+
+    def setup(self, *, hydra_context: Any, task_function: Any, config: Any) -> None:
+        self.config = config
+        self.launcher = Plugins.instance().instantiate_launcher(hydra_context=hydra_context,
+                                                                task_function=task_function, config=config)
+
+    def sweep(self, arguments: list[str]) -> None:
+        import optuna
+
+        space, fixed = search_space(self.params, arguments)
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        study = optuna.create_study(study_name=self.study_name, storage=self.storage, sampler=self.sampler,
+                                    direction=self.direction, load_if_exists=True)
+        earlier = len(study.trials)
+        if earlier:  # a continued search: n_trials in all, and a sampler that does not start over
+            self.sampler.reseed_rng()  # seeded from `seed`, it would propose the first trials again
+            close_stale_trials(study, sweep_dir, self.config.get("optimized_metric", "val/acc_best"))
+            log.info(f"continuing the study {self.study_name} ({earlier} trials so far): "
+                     f"{max(0, self.n_trials - earlier)} more")
+        job = 0
+        while (to_go := self.n_trials - len(study.trials)) > 0:
+            trials = [study.ask(space) for _ in range(min(self.n_jobs, to_go))]
+            batch = [(*fixed, *(f"{name}={value}" for name, value in trial.params.items())) for trial in trials]
+            returns = self.launcher.launch(batch, initial_job_idx=job)
+            job += len(batch)
+            failed = 0
+            for trial, ret in zip(trials, returns, strict=True):
+                value = objective(ret.return_value if ret.status.name == "COMPLETED" else None)
                 if value is None:
-                    study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+                    failed += 1
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 else:
-                    study.tell(trial.number, values=[value])
-                log.info(f"trial {trial.number}, left running by an earlier search: "
-                         f"{'FAIL' if value is None else f'COMPLETE with {value:.4f}'}")
+                    study.tell(trial, value)
+            if failed / len(trials) > self.max_failure_rate:
+                log.error(f"Optuna search stopped after {len(study.trials)} trials: {failed} of a batch of "
+                          f"{len(trials)} failed, more than max_failure_rate={self.max_failure_rate}; each failed "
+                          "job's error is in the sweep summary")
+                return
+        finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if finished:
+            log.info(f"best trial {study.best_trial.number}: {study.best_value:.4f} with {study.best_params}")
 
-        def sweep(self, arguments: list[str]) -> None:
-            import optuna
 
-            try:
-                return super().sweep(arguments)
-            except ValueError:
-                if self.storage is None:
-                    raise
-                study = optuna.load_study(study_name=self.study_name, storage=self.storage)
-                states = [t.state for t in study.trials]
-                finished = states.count(optuna.trial.TrialState.COMPLETE)
-                stopped = states and states[-1] == optuna.trial.TrialState.FAIL
-                if not stopped and finished:
-                    raise  # a real error, not a stop for failures or optuna's "no best trial"
-                reason = f"more than max_failure_rate={self.max_failure_rate} of a batch of trials failed" if stopped \
-                    else "no trial finished"
-                log.error(f"Optuna search stopped after {len(study.trials)} trials ({finished} finished): {reason}; "
-                          "each failed job's error is in the sweep summary")
+def close_stale_trials(study: Any, sweep_dir: Path, metric: str) -> None:
+    """Trials a killed search left RUNNING: COMPLETE with the value their job recorded, else FAIL."""
+    import optuna
+
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        value = recorded_value(trial.params, sweep_dir, metric)
+        if value is None:
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        else:
+            study.tell(trial.number, value)
+        log.info(f"trial {trial.number}, left running by an earlier search: "
+                 f"{'FAIL' if value is None else f'COMPLETE with {value:.4f}'}")
