@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -315,3 +316,26 @@ def test_the_search_space_is_read_in_hydras_sweep_syntax():
                      "model.hidden": CategoricalDistribution(["[256,256]", "[512,512]"]),
                      "data.val_size": IntDistribution(1000, 2000, step=1000)}
     assert fixed == ["seed=3", "batch_size=32"]  # a value given on the command line is not searched
+
+
+@pytest.mark.slow
+def test_a_study_written_by_optuna_2_is_refused_with_the_upgrade_command_that_makes_it_continue(tmp_path):
+    """tests/data/optuna-2.10.db: a study of 2 finished trials, written by optuna 2.10.1 (SQLAlchemy 1.4)."""
+    sweep_dir = tmp_path / "search"
+    sweep_dir.mkdir()
+    study = sweep_dir / "optuna.db"
+    shutil.copy(Path(__file__).parent / "data" / "optuna-2.10.db", study)
+    before = study.read_bytes()
+    common = ["-m", "hparams_search=optuna", f"hydra.sweep.dir={sweep_dir}", "hydra.sweeper.n_trials=3",
+              "hydra.sweeper.n_jobs=1", *QUICK]
+    result = run_cli(tmp_path, *common, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    error = result.stderr[result.stderr.index("error: the study storage"):]
+    assert "written by Optuna 2.10.1" in error and "no trial was run" in error
+    command = re.search(r"`(optuna storage upgrade --storage [^`]+)`", error)[1]
+    assert study.read_bytes() == before  # untouched until the user says so
+
+    subprocess.run([str(Path(sys.executable).parent / "optuna"), *command.split()[1:]], check=True,
+                   capture_output=True)
+    run_cli(tmp_path, *common)  # the study continues: one more trial makes its 3
+    assert trial_states(sweep_dir) == ["COMPLETE", "COMPLETE", "COMPLETE"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -128,8 +129,7 @@ class OptunaSweeper(Sweeper):
 
         space, fixed = search_space(self.params, arguments)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        study = optuna.create_study(study_name=self.study_name, storage=self.storage, sampler=self.sampler,
-                                    direction=self.direction, load_if_exists=True)
+        study = self.open_study()
         earlier = len(study.trials)
         if earlier:  # a continued search: n_trials in all, and a sampler that does not start over
             self.sampler.reseed_rng()  # seeded from `seed`, it would propose the first trials again
@@ -158,6 +158,27 @@ class OptunaSweeper(Sweeper):
         finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         if finished:
             log.info(f"best trial {study.best_trial.number}: {study.best_value:.4f} with {study.best_params}")
+
+
+    def open_study(self) -> Any:
+        """The study, new or continued; SystemExit with one paragraph for a storage an older or newer Optuna wrote
+        (its tables differ): it is not changed without the user's word."""
+        import optuna
+
+        try:
+            return optuna.create_study(study_name=self.study_name, storage=self.storage, sampler=self.sampler,
+                                       direction=self.direction, load_if_exists=True)
+        except RuntimeError as err:
+            if "no longer compatible with the table schema" not in str(err):
+                raise
+            written_by = re.search(r"\(set up by optuna ([^)]*)\)", str(err))
+            by = f"Optuna {written_by[1]}" if written_by else "another Optuna"
+            fix = (f"Back it up, then upgrade its tables with `optuna storage upgrade --storage {self.storage}` and "
+                   "run the search again" if "storage upgrade" in str(err) else
+                   "Install the Optuna that wrote it, or a newer one")
+            raise SystemExit(f"error: the study storage {self.storage} was written by {by}, and Optuna "
+                             f"{optuna.__version__} cannot read its tables as they are, so no trial was run. {fix}; "
+                             "or leave hydra.sweep.dir out for a new study.") from None
 
 
 def close_stale_trials(study: Any, sweep_dir: Path, metric: str) -> None:
