@@ -25,6 +25,7 @@ from typing import Any
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, Transformer
 from hydra.core.plugins import Plugins
+from hydra.core.utils import JobStatus
 from hydra.plugins.sweeper import Sweeper
 
 log = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ class OptunaSweeper(Sweeper):
             job += len(batch)
             failed = 0
             for trial, ret in zip(trials, returns, strict=True):
-                value = objective(ret.return_value if ret.status.name == "COMPLETED" else None)
+                value = objective(ret.return_value if ret.status == JobStatus.COMPLETED else None)
                 if value is None:
                     failed += 1
                     study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -158,7 +159,6 @@ class OptunaSweeper(Sweeper):
         finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         if finished:
             log.info(f"best trial {study.best_trial.number}: {study.best_value:.4f} with {study.best_params}")
-
 
     def open_study(self) -> Any:
         """The study, new or continued; SystemExit with one paragraph for a storage an older or newer Optuna wrote
