@@ -97,8 +97,9 @@ def test_submitit_local_launcher_runs_jobs_that_share_the_cores(synthetic_root, 
 @pytest.mark.slow
 def test_optuna_search_survives_a_diverging_trial_and_a_kill_and_continues_its_study(synthetic_root, tmp_path):
     sweep_dir = tmp_path / "search"
+    # learning rates that train: the continued search's sampler is reseeded, so its trials are not foreseeable
     common = ["hparams_search=optuna", f"hydra.sweep.dir={sweep_dir}", f"data.root={synthetic_root}",
-              "hydra.sweeper.n_jobs=1", *QUICK]
+              "hydra.sweeper.n_jobs=1", "lr=tag(log, interval(0.001, 0.03))", "optimizer.momentum=0.9", *QUICK]
     # every trial of this first run diverges, whatever Optuna proposes: a failed trial, not a crash
     first = run_cli(tmp_path, "-m", *common, "hydra.sweeper.n_trials=1", "hydra.sweeper.max_failure_rate=1.0",
                     "optimizer.lr=10000", check=False)
@@ -339,3 +340,68 @@ def test_a_study_written_by_optuna_2_is_refused_with_the_upgrade_command_that_ma
                    capture_output=True)
     run_cli(tmp_path, *common)  # the study continues: one more trial makes its 3
     assert trial_states(sweep_dir) == ["COMPLETE", "COMPLETE", "COMPLETE"]
+
+
+def sampler_of(name: str, *overrides: str):
+    """The sampler `hydra/sweeper/sampler=<name>` builds, as the search gets it (instantiated by Hydra)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from fmnist_lab.cli import config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=["hparams_search=optuna", f"hydra/sweeper/sampler={name}", *overrides],
+                      return_hydra_config=True)
+    return instantiate(cfg.hydra.sweeper.sampler)
+
+
+def proposals(sampler, space: dict, trials: int) -> list[dict]:
+    """What `sampler` proposes for `space` over `trials` trials of a maximization (the objective peaks at
+    lr=0.01, momentum=0.9)."""
+    import math
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=sampler, direction="maximize")
+    for _ in range(trials):
+        trial = study.ask(space)
+        study.tell(trial, -(math.log10(trial.params["lr"]) + 2) ** 2 - (trial.params["momentum"] - 0.9) ** 2)
+    return [t.params for t in study.trials]
+
+
+@pytest.mark.parametrize(("name", "kind"), [("tpe", "TPESampler"), ("cmaes", "CmaEsSampler"), ("gp", "GPSampler")])
+def test_each_model_based_sampler_proposes_from_its_own_model(name, kind):
+    """After its random start-up trials, each sampler's proposals differ from a random sampler's with the same
+    seed: they come from its own model (CMA-ES also records its generations in the trials)."""
+    from optuna.distributions import FloatDistribution
+    from optuna.samplers import RandomSampler
+
+    from hydra_plugins.fmnist_lab_optuna import make_sampler
+
+    space = {"lr": FloatDistribution(1e-4, 1.0, log=True), "momentum": FloatDistribution(0.5, 0.99)}
+    sampler, limit = make_sampler(sampler_of(name, "seed=7"), space)
+    assert type(sampler).__name__ == kind and limit is None
+    ours, random = proposals(sampler, space, 9), proposals(RandomSampler(seed=7), space, 9)
+    assert ours[5:] != random[5:]
+    assert all(1e-4 <= p["lr"] <= 1.0 and 0.5 <= p["momentum"] <= 0.99 for p in ours)
+
+
+def test_the_random_and_grid_samplers_cover_the_space_as_they_should():
+    import optuna
+
+    from hydra_plugins.fmnist_lab_optuna import make_sampler, search_space, tell
+
+    space, _ = search_space({"batch_size": "choice(64, 128)", "epochs": "range(1, 4)"}, [])
+    sampler, combinations = make_sampler(sampler_of("grid", "seed=7"), space)
+    assert type(sampler).__name__ == "GridSampler" and combinations == 6
+    study = optuna.create_study(sampler=sampler)
+    for _ in range(combinations):
+        tell(study, study.ask(space), 0.0)  # the last one ends the grid: no error
+    assert sorted((t.params["batch_size"], t.params["epochs"]) for t in study.trials) == \
+        [(b, e) for b in (64, 128) for e in (1, 2, 3)]  # every combination once
+
+    assert type(make_sampler(sampler_of("random", "seed=7"), space)[0]).__name__ == "RandomSampler"
+    space, _ = search_space({"lr": "interval(0.001, 0.1)"}, [])
+    with pytest.raises(SystemExit, match=r"sampler=grid .* lr is an interval.*choice\(...\) or range\(...\)"):
+        make_sampler(sampler_of("grid"), space)

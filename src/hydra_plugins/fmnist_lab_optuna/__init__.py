@@ -104,6 +104,46 @@ def search_space(params: dict[str, str] | None, arguments: Sequence[str]) -> tup
     return space, fixed
 
 
+def grid_values(name: str, distribution: Any) -> list[Any]:
+    """The values of one parameter of a grid search; SystemExit for a continuous interval."""
+    from optuna.distributions import CategoricalDistribution
+
+    if isinstance(distribution, CategoricalDistribution):
+        return list(distribution.choices)
+    if getattr(distribution, "step", None) is not None:
+        count = round((distribution.high - distribution.low) / distribution.step) + 1
+        return [distribution.low + i * distribution.step for i in range(count)]
+    raise SystemExit(f"error: hydra/sweeper/sampler=grid tries every combination of the values of each parameter, "
+                     f"and {name} is an interval, with no list of values. Give it as choice(...) or range(...) in "
+                     "hydra.sweeper.params, or choose another sampler (tpe, random, cmaes, gp).")
+
+
+def make_sampler(sampler: Any, space: dict[str, Any]) -> tuple[Any, int | None]:
+    """The sampler for `space`, and the number of trials it can propose (None: no limit). The grid sampler comes
+    as a partial (its config's `_partial_`) that takes the grid."""
+    from optuna.samplers import BaseSampler
+
+    if isinstance(sampler, BaseSampler):
+        return sampler, None
+    grid = {name: grid_values(name, distribution) for name, distribution in space.items()}
+    return sampler(search_space=grid), math.prod(len(values) for values in grid.values())
+
+
+def tell(study: Any, trial: Any, value: float | None) -> None:
+    """Record a trial's end: its value, or FAIL for None. The grid sampler stops the study once every combination
+    has run, which Optuna allows only inside `optimize`: with ask/tell that raises, after the trial is stored."""
+    import optuna
+
+    try:
+        if value is None:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        else:
+            study.tell(trial, value)
+    except RuntimeError as err:
+        if "Study.stop" not in str(err):
+            raise
+
+
 def objective(value: Any) -> float | None:
     """A job's returned objective as a finite float, or None (a failed job returns None)."""
     try:
@@ -129,6 +169,8 @@ class OptunaSweeper(Sweeper):
         import optuna
 
         space, fixed = search_space(self.params, arguments)
+        self.sampler, combinations = make_sampler(self.sampler, space)
+        n_trials = min(self.n_trials, combinations or self.n_trials)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         study = self.open_study()
         earlier = len(study.trials)
@@ -136,9 +178,9 @@ class OptunaSweeper(Sweeper):
             self.sampler.reseed_rng()  # seeded from `seed`, it would propose the first trials again
             close_stale_trials(study, sweep_dir, self.config.get("optimized_metric", "val/acc_best"))
             log.info(f"continuing the study {self.study_name} ({earlier} trials so far): "
-                     f"{max(0, self.n_trials - earlier)} more")
+                     f"{max(0, n_trials - earlier)} more")
         job = 0
-        while (to_go := self.n_trials - len(study.trials)) > 0:
+        while (to_go := n_trials - len(study.trials)) > 0:
             trials = [study.ask(space) for _ in range(min(self.n_jobs, to_go))]
             batch = [(*fixed, *(f"{name}={value}" for name, value in trial.params.items())) for trial in trials]
             returns = self.launcher.launch(batch, initial_job_idx=job)
@@ -146,11 +188,8 @@ class OptunaSweeper(Sweeper):
             failed = 0
             for trial, ret in zip(trials, returns, strict=True):
                 value = objective(ret.return_value if ret.status == JobStatus.COMPLETED else None)
-                if value is None:
-                    failed += 1
-                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                else:
-                    study.tell(trial, value)
+                failed += value is None
+                tell(study, trial, value)
             if failed / len(trials) > self.max_failure_rate:
                 log.error(f"Optuna search stopped after {len(study.trials)} trials: {failed} of a batch of "
                           f"{len(trials)} failed, more than max_failure_rate={self.max_failure_rate}; each failed "
@@ -187,9 +226,6 @@ def close_stale_trials(study: Any, sweep_dir: Path, metric: str) -> None:
 
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         value = recorded_value(trial.params, sweep_dir, metric)
-        if value is None:
-            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-        else:
-            study.tell(trial.number, value)
+        tell(study, trial.number, value)
         log.info(f"trial {trial.number}, left running by an earlier search: "
                  f"{'FAIL' if value is None else f'COMPLETE with {value:.4f}'}")
