@@ -247,7 +247,7 @@ def finish(launcher: Any, idx: int, overrides: list[str], job: Any, state: str, 
     run_dir = summary.job_dir(launcher, overrides, idx)
     log_file = job.task(0).paths.stderr
     how = f"SLURM job {job.job_id} ended {state}"
-    ret = JobReturn(overrides=overrides, status=JobStatus.COMPLETED, _return_value=None)
+    ret = JobReturn(overrides=overrides, status=JobStatus.COMPLETED)  # no return value: a failed job's
     if not has_result:
         row = summary.unfinished_row(idx, overrides, run_dir, f"{how} without a result (log: {log_file})",
                                      objective(config)[0])
