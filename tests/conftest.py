@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import gzip
 import os
+import signal
+import socket
 import struct
 import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -84,6 +90,32 @@ def run_cli(cwd: Path, *args: str, module: str = "fmnist_lab", check: bool = Tru
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
+
+
+@contextmanager
+def web_server(cwd: Path, *command: str) -> Iterator[str]:
+    """A web UI started as the README starts it, `command` with "{port}" as a free port on 127.0.0.1; its base URL
+    once it answers. Stopped with its whole process group after."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([part.replace("{port}", str(port)) for part in command], cwd=cwd,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240  # seconds on an idle machine, a minute or more on a busy one
+        while True:
+            assert server.poll() is None, server.stdout.read()[-3000:]
+            try:
+                urllib.request.urlopen(url, timeout=5)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, f"{command[0]} did not answer within 240 s"
+                time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
 
 
 def only_run_dir(root: Path) -> Path:

@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 from datetime import datetime
 from pathlib import Path
 
@@ -19,9 +20,10 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from conftest import run_cli
-from fmnist_lab.sweep import markdown, plot, ranked
+from conftest import run_cli, web_server
+from fmnist_lab.sweep import Objective, markdown, plot, ranked
 
+ACCURACY = Objective(("val/acc_best",), ("max",))
 QUICK = ["debug=limit", "device=cpu", "~callbacks.onnx_export", "~callbacks.report"]  # neither is what sweeps test
 
 
@@ -129,6 +131,122 @@ def test_optuna_search_survives_a_diverging_trial_and_a_kill_and_continues_its_s
     assert "**best**" in (sweep_dir / "summary.md").read_text()
 
 
+
+@pytest.mark.slow
+def test_a_multi_objective_search_shows_its_pareto_front_in_summary_study_and_dashboard(synthetic_root, tmp_path):
+    """optimized_metric as a list and hydra.sweeper.directions: every trial has both values (those of its run's
+    metrics.json), and summary.md marks the Pareto front that Optuna's study holds (study.best_trials)."""
+    import optuna
+
+    sweep_dir = tmp_path / "search"
+    run_cli(tmp_path, "-m", "hparams_search=optuna", f"hydra.sweep.dir={sweep_dir}", f"data.root={synthetic_root}",
+            "optimized_metric=[test/loss,train_seconds]", "hydra.sweeper.directions=[minimize,minimize]",
+            "hydra.sweeper.n_trials=4", "lr=tag(log, interval(0.001, 0.3))", *QUICK)
+    study = optuna.load_study(study_name="fmnist_lab", storage=f"sqlite:///{sweep_dir}/optuna.db")
+    assert study.directions == [optuna.study.StudyDirection.MINIMIZE] * 2 and len(study.trials) == 4
+    for trial in study.trials:
+        metrics = json.loads((Path(trial.user_attrs["run_dir"]) / "metrics.json").read_text())
+        assert trial.values == [metrics["test/loss"], metrics["train_seconds"]]
+
+    rows = {r["run_dir"]: r for r in csv.DictReader((sweep_dir / "summary.csv").open())}
+    front = sorted(int(rows[t.user_attrs["run_dir"]]["job"]) for t in study.best_trials)
+    text = (sweep_dir / "summary.md").read_text()
+    assert "Objective: test/loss (min), train_seconds (min)" in text
+    listed = re.search(r"Pareto front \(the finished jobs that no other job beats in every objective\): jobs ([\d, ]+) "
+                       r"\((\d+) of 4\)", text)
+    assert sorted(int(j) for j in listed[1].split(", ")) == front and int(listed[2]) == len(front)
+    marked = re.findall(r"^\| \*\*Pareto front\*\* \| (\d+) \| MLP \| [\d.]+ \| [\d.]+ \|", text, re.MULTILINE)
+    assert sorted(map(int, marked)) == front
+    assert all(r["objectives"] == f"{r['test/loss']} {r['train_seconds']}" for r in rows.values())
+
+    # the README's `optuna-dashboard sqlite:///<sweep dir>/optuna.db` serves the study: its trials, named
+    # objectives and Pareto front, read back over the dashboard's HTTP API
+    dashboard = str(Path(sys.executable).with_name("optuna-dashboard"))
+    with web_server(tmp_path, dashboard, f"sqlite:///{sweep_dir}/optuna.db", "--host", "127.0.0.1", "--port",
+                    "{port}") as url:
+        (listed_study,) = json.loads(urllib.request.urlopen(f"{url}/api/studies", timeout=30).read())["study_summaries"]
+        served = json.loads(urllib.request.urlopen(f"{url}/api/studies/{listed_study['study_id']}", timeout=30).read())
+    assert served["name"] == "fmnist_lab" and served["objective_names"] == ["test/loss", "train_seconds"]
+    assert [(t["number"], t["state"], t["values"]) for t in served["trials"]] == \
+        [(t.number, "Complete", t.values) for t in study.trials]
+    assert [{p["name"]: p["param_external_value"] for p in t["params"]} for t in served["trials"]] == \
+        [{name: str(value) for name, value in t.params.items()} for t in study.trials]
+    run_dirs = [{a["key"]: a["value"] for a in t["user_attrs"]}["run_dir"] for t in served["best_trials"]]
+    assert sorted(int(rows[run_dir]["job"]) for run_dir in run_dirs) == front
+
+
+def test_the_pareto_front_of_the_summary_is_the_one_optuna_finds():
+    """Random scores with ties, two and three objectives in mixed directions: the summary's front is the set of
+    trials Optuna's study.best_trials gives."""
+    import random
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    rng = random.Random(3)
+    for modes in (("max", "min"), ("min", "max", "max")):
+        for _ in range(20):
+            scores = [[rng.choice([0.1, 0.2, 0.3, 0.4]) for _ in modes] for _ in range(12)]
+            study = optuna.create_study(directions=[{"max": "maximize", "min": "minimize"}[m] for m in modes])
+            for values in scores:
+                study.add_trial(optuna.trial.create_trial(values=values))
+            rows = [{"job": str(i), "status": "ok", "objectives": " ".join(map(str, values))}
+                    for i, values in enumerate(scores)]
+            objective = Objective(tuple(f"m{i}" for i in range(len(modes))), modes)
+            ours = sorted(int(r["job"]) for r in objective.pareto_front(rows))
+            assert ours == sorted(t.number for t in study.best_trials)
+            assert [r["job"] for r in ranked(rows, objective)][:len(ours)] == \
+                [r["job"] for r in ranked([r for r in rows if int(r["job"]) in ours], objective)]
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["hparams_search=optuna", "optimized_metric=[val/acc_best,train_seconds]"],
+     "error: optimized_metric=['val/acc_best', 'train_seconds'] names 2 metric(s), and hydra.sweeper.directions "
+     "gives no direction. A sweep needs one direction per metric, in the same order, each max or min (maximize or "
+     "minimize): set e.g. hydra.sweeper.directions=[max,min], or change optimized_metric."),
+    (["hparams_search=optuna", "hydra.sweeper.directions=[maximize,upward]",
+      "optimized_metric=[val/acc_best,train_seconds]"],
+     "hydra.sweeper.directions gives maximize, upward. A sweep needs one direction per metric"),
+    (["hparams_search=optuna", "hydra.sweeper.directions=[maximize,minimize]"],
+     "error: optimized_metric=['val/acc_best'] names 1 metric(s), and hydra.sweeper.directions gives maximize, "
+     "minimize."),
+    (["hparams_search=optuna", "hydra/sweeper/sampler=cmaes", "optimized_metric=[val/acc_best,train_seconds]",
+      "hydra.sweeper.directions=[maximize,minimize]"],
+     "error: hydra/sweeper/sampler=cmaes searches for one objective, and this search has 2 (val/acc_best (max), "
+     "train_seconds (min)). Choose hydra/sweeper/sampler=tpe (the default), gp, random or grid"),
+    (["optimized_metric=[val/acc_best,train_seconds]"],  # a grid sweep
+     "and hydra.callbacks.summary.mode gives max. A sweep needs one direction per metric"),
+    (["hparams_search=optuna", "optimized_metric=[val/acc_best,val/acc_best]", "hydra.sweeper.directions=[max,max]"],
+     "error: optimized_metric=['val/acc_best', 'val/acc_best'] is neither one metric's name nor a list of different "
+     "names."),
+])
+def test_objectives_and_directions_that_do_not_fit_are_refused_before_any_job(tmp_path, args, expected):
+    sweep_dir = tmp_path / "search"
+    assert expected in refused(tmp_path, sweep_dir, *args)
+    assert not sweep_dir.exists() or not any(p.is_dir() for p in sweep_dir.iterdir())
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_a_study_made_for_other_objectives_is_not_continued_by_a_search_with_new_ones(tmp_path):
+    """Its trials' values would be mixed with values of other metrics, or compared the wrong way round."""
+    import optuna
+
+    sweep_dir = tmp_path / "search"
+    sweep_dir.mkdir()
+    storage = f"sqlite:///{sweep_dir}/optuna.db"
+    optuna.create_study(study_name="fmnist_lab", storage=storage, direction="maximize")
+    paragraph = refused(tmp_path, sweep_dir, "hparams_search=optuna", "optimized_metric=[val/acc_best,train_seconds]",
+                        "hydra.sweeper.directions=[maximize,minimize]")
+    assert paragraph.startswith(f"error: the study fmnist_lab in {storage} was made for maximize, and this search is "
+                                "for val/acc_best (max), train_seconds (min), so no trial was run.")
+
+    optuna.create_study(study_name="named", storage=storage, direction="minimize").set_metric_names(["test/loss"])
+    paragraph = refused(tmp_path, sweep_dir, "hparams_search=optuna", "hydra.sweeper.study_name=named",
+                        "optimized_metric=train_seconds", "hydra.sweeper.direction=minimize")
+    assert paragraph.startswith(f"error: the study named in {storage} was made for test/loss (min), and this search "
+                                "is for train_seconds (min), so no trial was run.")
+    assert not any(p.is_dir() for p in sweep_dir.iterdir())
+
 def trial_states(sweep_dir: Path) -> list[str]:
     with sqlite3.connect(sweep_dir / "optuna.db") as db:
         return [s for (s,) in db.execute("select state from trials order by number")]
@@ -200,7 +318,7 @@ def summary_row(job: int, status: str, objective: str, overrides: str, error: st
 
 def test_summary_table_shows_rounded_overrides_and_numbers():
     exact = "optimizer.lr=0.0031622776601683794 seed=7 lr=1e-3 model.hidden=[512,512] data.root=/d/0.5 ~logger"
-    table = markdown([summary_row(0, "ok", "0.912345", exact)], "val/acc_best")
+    table = markdown([summary_row(0, "ok", "0.912345", exact)], ACCURACY)
     assert ("| **best** | 0 | MLP | 0.9123 | 0.9123 | 0.4124 | 3 | 12.3 "
             "| `optimizer.lr=0.003162 seed=7 lr=0.001 model.hidden=[512,512] data.root=/d/0.5 ~logger` | ok |") in table
 
@@ -212,8 +330,8 @@ def test_summary_plot_draws_failed_jobs_apart_from_the_scores(tmp_path):
     rows = ranked([summary_row(0, "ok", "0.81", f"optimizer.lr={lrs[0]} model=mlp"),
                    summary_row(1, "failed", "", f"optimizer.lr={lrs[1]} model=cnn", "FloatingPointError: nan"),
                    summary_row(2, "ok", "0.85", f"optimizer.lr={lrs[2]} model=cnn"),
-                   summary_row(3, "ok", "0.83", f"optimizer.lr={lrs[3]} model=mlp")], "max")
-    fig = plot(rows, "val/acc_best", tmp_path / "summary.png")
+                   summary_row(3, "ok", "0.83", f"optimizer.lr={lrs[3]} model=mlp")], ACCURACY)
+    fig = plot(rows, ACCURACY, tmp_path / "summary.png")
 
     scores = [ax for ax in fig.axes if ax.get_ylabel() == "val/acc_best"]
     strips = [ax for ax in fig.axes if ax.get_ylabel() == "failed"]
@@ -229,7 +347,7 @@ def test_summary_plot_draws_failed_jobs_apart_from_the_scores(tmp_path):
     with Image.open(tmp_path / "summary.png") as png:
         assert png.format == "PNG"
 
-    without_failures = plot([r for r in rows if r["status"] == "ok"], "val/acc_best", tmp_path / "ok.png")
+    without_failures = plot([r for r in rows if r["status"] == "ok"], ACCURACY, tmp_path / "ok.png")
     assert [ax.get_ylabel() for ax in without_failures.axes] == ["val/acc_best"] * 2  # no empty strip
 
 

@@ -6,20 +6,17 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import time
 import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import compose_cfg, only_run_dir, run_cli
+from conftest import compose_cfg, only_run_dir, run_cli, web_server
 from fmnist_lab.config import ConfigError, validate
 from fmnist_lab.tracking import check_store, swept_knobs
 from fmnist_lab.train import plain
@@ -58,38 +55,14 @@ def test_a_parallel_sweep_logs_every_job_into_one_new_mlflow_store(synthetic_roo
     assert len(list((tmp_path / "outputs" / "mlartifacts").iterdir())) == 2  # artifacts beside the store
 
     # the README's `mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db` serves both runs
-    with mlflow_ui(tmp_path, "sqlite:///outputs/mlflow.db") as url:
+    mlflow = str(Path(sys.executable).with_name("mlflow"))
+    with web_server(tmp_path, mlflow, "ui", "--backend-store-uri", "sqlite:///outputs/mlflow.db", "--port", "{port}") \
+            as url:
         request = urllib.request.Request(f"{url}/api/2.0/mlflow/runs/search", method="POST",
                                          data=json.dumps({"experiment_ids": [runs[0].info.experiment_id]}).encode(),
                                          headers={"Content-Type": "application/json"})
         served = json.loads(urllib.request.urlopen(request, timeout=30).read())["runs"]
     assert sorted(r["info"]["run_id"] for r in served) == sorted(r.info.run_id for r in runs)
-
-
-@contextmanager
-def mlflow_ui(cwd: Path, store: str):
-    """`mlflow ui` on a free port, as the README starts it; its base URL once it answers."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "ui", "--backend-store-uri", store,
-                               "--port", str(port)], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240  # seconds on an idle machine, a minute or more on a busy one
-        while True:
-            assert server.poll() is None, server.stdout.read()[-3000:]
-            try:
-                urllib.request.urlopen(url, timeout=5)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "mlflow ui did not answer within 240 s"
-                time.sleep(0.5)
-        yield url
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
 
 
 def test_the_logged_settings_are_the_knobs_a_user_sweeps(tmp_path):

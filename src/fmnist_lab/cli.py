@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import math
 import shutil
 import signal
 import sys
@@ -39,8 +38,9 @@ register()  # the typed schema conf/train.yaml builds on
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    """One job. Returns the objective for sweepers: `optimized_metric`, or None for a failed job."""
+def main(cfg: DictConfig) -> float | list[float] | None:
+    """One job. Returns the objective for sweepers: `optimized_metric` (a list of values when it lists several
+    metrics), or None for a failed job."""
     from fmnist_lab.sweep import is_multirun, share_machine, use_slurm_cpus  # heavy imports: `--help` answers at once
 
     launcher = HydraConfig.get().launcher.get("_target_", "") if is_multirun() else None
@@ -59,7 +59,7 @@ def main(cfg: DictConfig) -> float | None:
     raise SystemExit(exit_code)
 
 
-def run_job(cfg: DictConfig, sweep_launcher: str | None) -> tuple[float | None, str | None, int]:
+def run_job(cfg: DictConfig, sweep_launcher: str | None) -> tuple[float | list[float] | None, str | None, int]:
     """Check the config and train: (objective, None, 0), or (None, one paragraph saying what went wrong, the
     exit code: 1, or 143/130 for a run a signal stopped)."""
     run = RunDir(cfg.paths.output_dir)
@@ -89,8 +89,9 @@ def run_job(cfg: DictConfig, sweep_launcher: str | None) -> tuple[float | None, 
         if could_not_start(err):
             return None, str(err), 1
         return None, f"{err}\nThe run is marked failed in {run.metrics}; {run.kept()}", 1
-    value = metrics.get(cfg.get("optimized_metric"))
-    return (value if value is not None and math.isfinite(value) else None), None, 0
+    from fmnist_lab.sweep import objective_values
+
+    return objective_values(metrics, cfg.optimized_metric), None, 0
 
 
 def do_job(cfg: DictConfig, run: RunDir, sweep_launcher: str | None) -> dict:

@@ -48,7 +48,7 @@ class TrainConfig:
     batch_size: int = 128
     seed: Any = 42  # an int, or null for an unseeded run
     task_name: str = "train"
-    optimized_metric: str = "val/acc_best"
+    optimized_metric: Any = "val/acc_best"  # a metric of metrics.json, or a list (a multi-objective sweep)
     resume: Any = None  # null, a run directory, or `latest`
     finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig())
     gpu: GpuConfig = field(default_factory=lambda: GpuConfig())

@@ -3,8 +3,10 @@
 `SweepSummary` (a Hydra callback, see `hydra.callbacks` in conf/train.yaml) appends one row per job to
 `<sweep dir>/summary.csv` the moment the job ends, so a killed sweep still keeps every finished job. When the
 sweep ends it writes `summary.md` (sorted by the objective, best marked, failures with their error) and
-`summary.png`, prints the table, and exits non-zero if any job failed. Before any job it refuses, with one
-paragraph, a sweep folder that cannot be written, that is a single run's folder, or that holds another sweep.
+`summary.png`, prints the table, and exits non-zero if any job failed. With several objectives
+(`optimized_metric` a list, e.g. a multi-objective Optuna search) it marks the Pareto front instead of one best.
+Before any job it refuses, with one paragraph, a sweep folder that cannot be written, that is a single run's
+folder, or that holds another sweep.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +28,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from fmnist_lab.run_dir import BadFileError, RunDir, atomic_write, is_rank_zero
 from fmnist_lab.untrusted import is_regular_file, load_yaml
@@ -36,15 +39,90 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 # new columns go last: a sweep folder from an earlier version is continued with its own header
 COLUMNS = ["job", "status", "objective", "val/acc_best", "test/acc", "test/loss", "epochs", "train_seconds",
-           "overrides", "error", "run_dir", "model"]
+           "overrides", "error", "run_dir", "model", "objectives"]
+MODES = {"max": "max", "maximize": "max", "min": "min", "minimize": "min"}
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a sweep optimizes: `optimized_metric`, one metric or a list of them, and for each max or min."""
+    metrics: tuple[str, ...]
+    modes: tuple[str, ...]
+
+    @classmethod
+    def of(cls, metric: Any, modes: Any, key: str) -> Objective:
+        """From `optimized_metric` and the direction(s) given at `key`; SystemExit with one paragraph when they do
+        not fit together."""
+        metrics = tuple(metric) if isinstance(metric, list | tuple | ListConfig) else (metric,)
+        given = list(modes) if isinstance(modes, list | tuple | ListConfig) else [modes]
+        if not metrics or not all(isinstance(m, str) and m for m in metrics) or len(set(metrics)) < len(metrics):
+            raise SystemExit(f"error: optimized_metric={list(metrics)} is neither one metric's name nor a list of "
+                             "different names. Give one metric of metrics.json (e.g. optimized_metric=val/acc_best), "
+                             "or a list of different ones for a multi-objective sweep "
+                             "(optimized_metric=[val/acc_best,train_seconds]).")
+        if len(given) != len(metrics) or not all(str(mode) in MODES for mode in given):
+            example = ",".join("max" if "acc" in m else "min" for m in metrics)
+            raise SystemExit(f"error: optimized_metric={list(metrics)} names {len(metrics)} metric(s), and {key} gives "
+                             f"{', '.join(map(str, given)) or 'no direction'}. A sweep needs one direction per metric, "
+                             "in the same order, each max or min (maximize or minimize): set e.g. "
+                             f"{key}=[{example}], or change optimized_metric.")
+        return cls(metrics, tuple(MODES[str(mode)] for mode in given))
+
+    @classmethod
+    def of_search(cls, metric: Any, direction: str, directions: Any) -> Objective:
+        """An Optuna search's objective: `hydra.sweeper.direction`, or its `directions` for several metrics."""
+        if directions is None and isinstance(metric, str):
+            return cls.of(metric, direction, "hydra.sweeper.direction")
+        return cls.of(metric, [] if directions is None else directions, "hydra.sweeper.directions")
+
+    @classmethod
+    def of_sweep(cls, config: DictConfig) -> Objective:
+        """The objective of the sweep summary in a sweep's config (`hydra.callbacks.summary`)."""
+        summary = OmegaConf.select(config, "hydra.callbacks.summary", default=None) or {}
+        return SweepSummary(**{k: v for k, v in summary.items() if k != "_target_"}).objective
+
+    @property
+    def multi(self) -> bool:
+        return len(self.metrics) > 1
+
+    def title(self) -> str:
+        return ", ".join(f"{metric} ({mode})" for metric, mode in zip(self.metrics, self.modes, strict=True))
+
+    def row_values(self, row: dict[str, Any]) -> list[float] | None:
+        """A finished job's objective values from its summary row; None for a job without all of them."""
+        text = (row.get("objectives") or "") if self.multi else (row.get("objective") or "")
+        try:
+            values = [float(v) for v in text.split()]
+        except ValueError:
+            return None
+        ok = row["status"] == "ok" and len(values) == len(self.metrics) and all(map(math.isfinite, values))
+        return values if ok else None
+
+    def pareto_front(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The finished jobs that no other job beats in every metric (each at least as good, one better): with one
+        metric, the best job(s)."""
+        signed = [(row, [v if mode == "max" else -v for v, mode in zip(values, self.modes, strict=True)])
+                  for row in rows if (values := self.row_values(row)) is not None]
+        return [row for row, a in signed
+                if not any(b != a and all(y >= x for x, y in zip(a, b, strict=True)) for _, b in signed)]
 
 
 def is_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def objective_values(metrics: dict, metric: Any) -> float | list[float] | None:
+    """The value of `optimized_metric` in a run's metrics (a list for a list of metrics); None when one of them is
+    missing or not a finite number: a sweeper counts the job as failed."""
+    names = [metric] if isinstance(metric, str) else list(metric)
+    values = [metrics.get(name) for name in names]
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+        return None
+    return values[0] if isinstance(metric, str) else values
+
+
 def job_row(run_dir: str | Path, num: int, overrides: list[str], model: str, job_return: JobReturn,
-            metric: str) -> dict[str, Any]:
+            objective: Objective) -> dict[str, Any]:
     """One job's row: its own metrics.json when it got that far, else the exception Hydra caught."""
     run = RunDir(run_dir)
     metrics = run.read_metrics()
@@ -55,14 +133,17 @@ def job_row(run_dir: str | Path, num: int, overrides: list[str], model: str, job
         except Exception as err:
             error = f"{type(err).__name__}: {err}"
     status = metrics.get("status") or ("failed" if error or job_return.status == JobStatus.FAILED else "ok")
-    return {**metrics_row(metrics, status, error, metric), "job": num, "overrides": " ".join(overrides),
+    return {**metrics_row(metrics, status, error, objective), "job": num, "overrides": " ".join(overrides),
             "run_dir": str(run.path), "model": model}
 
 
-def metrics_row(metrics: dict[str, Any], status: str, error: str | None, metric: str) -> dict[str, Any]:
-    """The columns of a row that come from a job's metrics.json."""
+def metrics_row(metrics: dict[str, Any], status: str, error: str | None, objective: Objective) -> dict[str, Any]:
+    """The columns of a row that come from a job's metrics.json: `objective` is the first optimized metric,
+    `objectives` all of them (space-separated) when there are several."""
     row = {k: metrics.get(k) for k in ("val/acc_best", "test/acc", "test/loss", "epochs", "train_seconds")}
-    return {**row, "status": status, "objective": metrics.get(metric) if status == "ok" else None,
+    values = [metrics.get(m) for m in objective.metrics] if status == "ok" else [None]
+    every = " ".join(str(v) for v in values) if objective.multi and None not in values else None
+    return {**row, "status": status, "objective": values[0], "objectives": every,
             "error": (error or "").split("\n")[0][:300]}
 
 
@@ -82,7 +163,7 @@ def mark_unfinished(run: RunDir, why: str) -> None:
     run.update(status="interrupted", error=why)
 
 
-def unfinished_row(job: int, overrides: list[str], run_dir: Path, why: str, metric: str) -> dict[str, Any]:
+def unfinished_row(job: int, overrides: list[str], run_dir: Path, why: str, objective: Objective) -> dict[str, Any]:
     """The row of a job that did not end through Hydra, for `why` (written by the launcher, which composes no job
     config for it: the model comes from the job's saved config, when it has one). Interrupted, unless its
     metrics.json says otherwise."""
@@ -97,7 +178,7 @@ def unfinished_row(job: int, overrides: list[str], run_dir: Path, why: str, metr
         return {**row, "status": "failed", "error": str(err)[:300]}
     status = metrics.get("status", "ok") if metrics else "interrupted"  # a folder it cannot write: not marked
     error = metrics.get("error") or (f"cut off: {why}" if status == "interrupted" else None)
-    return {**row, **metrics_row(metrics, status, error, metric)}
+    return {**row, **metrics_row(metrics, status, error, objective)}
 
 
 def job_config(hydra_context: Any, config: DictConfig, overrides: Sequence[str], idx: int) -> DictConfig:
@@ -166,12 +247,15 @@ def latest(rows: list[dict[str, str]]) -> list[dict[str, str]]:
     return list({r["run_dir"]: r for r in rows}.values())
 
 
-def ranked(rows: list[dict[str, str]], mode: str) -> list[dict[str, str]]:
-    """Finished jobs by objective (best first), then the failed ones by job number."""
+def ranked(rows: list[dict[str, str]], objective: Objective) -> list[dict[str, str]]:
+    """Finished jobs by objective, best first (with several objectives: the Pareto front first, each part by the
+    first objective), then the ones without a score by job number."""
+    front = {id(row) for row in objective.pareto_front(rows)}
+
     def key(row):
-        value = float(row["objective"]) if row["objective"] not in ("", None) else math.nan
-        ok = row["status"] == "ok" and math.isfinite(value)
-        return (not ok, -value if ok and mode == "max" else value if ok else 0.0, int(row["job"]))
+        values = objective.row_values(row)
+        first = (values[0] if objective.modes[0] == "min" else -values[0]) if values else 0.0
+        return (values is None, id(row) not in front, first, int(row["job"]))
     return sorted(rows, key=key)
 
 
@@ -196,21 +280,25 @@ def short_overrides(overrides: str) -> str:
                     for part in overrides.split(" ") for key, sep, value in [part.partition("=")])
 
 
-def markdown(rows: list[dict[str, str]], metric: str) -> str:
-    def fmt(value: str, digits: int = 4) -> str:
+def markdown(rows: list[dict[str, str]], objective: Objective) -> str:
+    """The summary table: the best job marked, or with several objectives each job of the Pareto front."""
+    def fmt(value: Any, digits: int = 4) -> str:
         try:
             return f"{float(value):.{digits}f}"
-        except ValueError:
+        except (TypeError, ValueError):
             return value or "-"
 
-    lines = [f"| | job | model | {metric} | test/acc | test/loss | epochs | train s | overrides | status |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    front = {id(row) for row in objective.pareto_front(rows)}
+    mark = "**Pareto front**" if objective.multi else "**best**"
+    lines = [f"| | job | model | {' | '.join(objective.metrics)} | test/acc | test/loss | epochs | train s | overrides "
+             "| status |", "|---|---|---|" + "---|" * len(objective.metrics) + "---|---|---|---|---|---|"]
     for i, r in enumerate(rows):
-        best = "**best**" if i == 0 and r["status"] == "ok" else ""
+        best = mark if id(r) in front and (objective.multi or i == 0) else ""
+        values = objective.row_values(r) or [r["objective"] if not objective.multi else "-"] * len(objective.metrics)
         status = "ok" if r["status"] == "ok" else f"{r['status']}: {r['error']}"
-        lines.append(f"| {best} | {r['job']} | {r.get('model') or '-'} | {fmt(r['objective'])} | {fmt(r['test/acc'])} "
-                     f"| {fmt(r['test/loss'])} | {r['epochs'] or '-'} | {fmt(r['train_seconds'], 1)} "
-                     f"| `{short_overrides(r['overrides'])}` | {status} |")
+        lines.append(f"| {best} | {r['job']} | {r.get('model') or '-'} | {' | '.join(fmt(v) for v in values)} "
+                     f"| {fmt(r['test/acc'])} | {fmt(r['test/loss'])} | {r['epochs'] or '-'} "
+                     f"| {fmt(r['train_seconds'], 1)} | `{short_overrides(r['overrides'])}` | {status} |")
     return "\n".join(lines) + "\n"
 
 
@@ -222,7 +310,7 @@ def swept_parameters(rows: list[dict[str, str]]) -> dict[str, list[str]]:
     return {k: v for k, v in values.items() if len(set(v)) > 1}
 
 
-def plot(rows: list[dict[str, str]], metric: str, path: Path) -> Figure:
+def plot(rows: list[dict[str, str]], objective: Objective, path: Path) -> Figure:
     """The objective against each swept parameter: numeric on a (log, for wide ranges) axis, others grouped;
     the best job is a star. Jobs without a score (failed, interrupted) are red crosses on a strip of their own
     below, at their parameter value, so that none can be read as a score. Returns the (closed) figure."""
@@ -231,10 +319,11 @@ def plot(rows: list[dict[str, str]], metric: str, path: Path) -> Figure:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    done = [r for r in rows if r["status"] == "ok" and r["objective"] not in ("", None)
-            and math.isfinite(float(r["objective"]))]
+    done = [r for r in rows if objective.row_values(r) is not None]
     scored = {id(r) for r in done}
-    ys = [float(r["objective"]) for r in done]
+    ys = [objective.row_values(r)[0] for r in done]  # the first objective; stars: the best job, or the Pareto front
+    front = {id(r) for r in objective.pareto_front(rows)}
+    stars = [(id(r), y) for r, y in zip(done, ys, strict=True) if id(r) in front][:None if objective.multi else 1]
     params = swept_parameters(rows) or {"job": [r["job"] for r in rows]}
     strip = len(done) < len(rows)
     fig, axes = plt.subplots(1 + strip, len(params), figsize=(4.2 * len(params), 3.6 + 0.8 * strip),
@@ -259,7 +348,8 @@ def plot(rows: list[dict[str, str]], metric: str, path: Path) -> Figure:
         x = dict(zip((id(r) for r in rows), positions, strict=True))
         ax.scatter([x[id(r)] for r in done], ys, label="finished")
         if done:
-            ax.scatter([x[id(done[0])]], [ys[0]], marker="*", s=250, color="gold", edgecolor="black", label="best")
+            ax.scatter([x[key] for key, _ in stars], [y for _, y in stars], marker="*", s=250, color="gold",
+                       edgecolor="black", label="Pareto front" if objective.multi else "best")
         if strip:
             failed = [x[id(r)] for r in rows if id(r) not in scored]
             bottom.scatter(failed, [0] * len(failed), marker="x", color="red", s=60)
@@ -267,7 +357,7 @@ def plot(rows: list[dict[str, str]], metric: str, path: Path) -> Figure:
             bottom.set_ylabel("failed", rotation=0, ha="right", va="center")
             bottom.grid(alpha=0.3, axis="x")
         bottom.set_xlabel(name)
-        ax.set_ylabel(metric)
+        ax.set_ylabel(objective.metrics[0])
         ax.grid(alpha=0.3)
     if done:  # with no finished job there is nothing to name
         axes[0][0].legend(fontsize=8)
@@ -278,14 +368,26 @@ def plot(rows: list[dict[str, str]], metric: str, path: Path) -> Figure:
 
 
 class SweepSummary(Callback):
-    def __init__(self, metric: str = "val/acc_best", mode: str = "max") -> None:
-        self.metric, self.mode = metric, mode
+    """`metric`: optimized_metric, one metric or a list; `mode`: max or min, one per metric; `directions`: an
+    Optuna search's directions, which take the place of `mode` when set."""
+
+    def __init__(self, metric: Any = "val/acc_best", mode: Any = "max", directions: Any = None) -> None:
+        self.metric, self.mode, self.directions = metric, mode, directions
         self.earlier_rows = 0
         self.grid = True
+        self.search = False  # an Optuna search's: mode and directions are the search's
+
+    @property
+    def objective(self) -> Objective:  # checked when a sweep starts: a single run does not use it
+        if self.search or self.directions is not None:
+            return Objective.of_search(self.metric, self.mode, self.directions)
+        return Objective.of(self.metric, self.mode, "hydra.callbacks.summary.mode")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not is_rank_zero():  # under torchrun every rank runs the sweep; rank zero keeps its books
             return
+        self.search = "directions" in config.hydra.sweeper
+        self.objective  # noqa: B018 -- refuses metrics and directions that do not fit, before any job
         sweep_dir = Path(config.hydra.sweep.dir)
         check_sweep_dir(sweep_dir)
         if stops_in_the_sweep_process(config):
@@ -321,7 +423,7 @@ class SweepSummary(Callback):
             return
         try:
             row = job_row(config.hydra.runtime.output_dir, config.hydra.job.num, config.hydra.overrides.task,
-                          model_name(config), job_return, self.metric)
+                          model_name(config), job_return, self.objective)
         except Exception as err:  # Hydra would only warn: never lose the row, say what went wrong in it
             row = {"job": config.hydra.job.num, "status": "failed", "overrides": " ".join(config.hydra.overrides.task),
                    "error": f"summary could not read this job's result: {type(err).__name__}: {err}"}
@@ -347,7 +449,7 @@ class SweepSummary(Callback):
                              f"see {sweep_dir / 'summary.md'}")
 
     def write_summary(self, sweep_dir: Path) -> None:
-        write_summary(sweep_dir, self.metric, self.mode)
+        write_summary(sweep_dir, self.objective)
 
 
 def stops_in_the_sweep_process(config: DictConfig) -> bool:
@@ -362,15 +464,20 @@ def rows_in_the_sweep_process(config: DictConfig) -> bool:
     return "fmnist_lab_slurm" in str(config.hydra.launcher.get("_target_"))
 
 
-def write_summary(sweep_dir: Path, metric: str, mode: str) -> None:
+def write_summary(sweep_dir: Path, objective: Objective) -> None:
     """summary.md and summary.png from summary.csv, and the table on the console."""
-    rows = ranked(latest(read_rows(sweep_dir / "summary.csv")), mode)
+    rows = ranked(latest(read_rows(sweep_dir / "summary.csv")), objective)
     if not rows:
         return
-    table = markdown(rows, metric)
-    text = f"# Sweep {sweep_dir}\n\nObjective: {metric} ({mode})\n\n{table}"
-    atomic_write(sweep_dir / "summary.md", lambda tmp: tmp.write_text(text))
-    plot(rows, metric, sweep_dir / "summary.png")
+    table = markdown(rows, objective)
+    text = f"# Sweep {sweep_dir}\n\nObjective: {objective.title()}\n\n"
+    if objective.multi:
+        front = objective.pareto_front(rows)
+        text += (f"Pareto front (the finished jobs that no other job beats in every objective): jobs "
+                 f"{', '.join(r['job'] for r in front)} ({len(front)} of "
+                 f"{sum(objective.row_values(r) is not None for r in rows)})\n\n")
+    atomic_write(sweep_dir / "summary.md", lambda tmp: tmp.write_text(text + table))
+    plot(rows, objective, sweep_dir / "summary.png")
     print(f"\n{table}\nsummary: {sweep_dir / 'summary.md'} (and summary.csv, summary.png)")
 
 

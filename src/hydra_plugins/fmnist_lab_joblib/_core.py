@@ -293,8 +293,7 @@ def end_stopped_sweep(launcher: Any, jobs: dict[int, list[str]], returns: dict[i
     config = launcher.config
     sweep_dir = Path(str(config.hydra.sweep.dir))
     csv = sweep_dir / "summary.csv"
-    metric = OmegaConf.select(config, "hydra.callbacks.summary.metric", default="val/acc_best")
-    mode = OmegaConf.select(config, "hydra.callbacks.summary.mode", default="max")
+    objective = summary.Objective.of_sweep(config)
     unfinished = []
     if csv.is_file():  # SweepSummary keeps the sweep's books
         ended = {r["run_dir"] for r in summary.read_rows(csv) if r["status"] in ("ok", "failed")}
@@ -303,11 +302,11 @@ def end_stopped_sweep(launcher: Any, jobs: dict[int, list[str]], returns: dict[i
                 continue
             run_dir = summary.job_dir(launcher, overrides, idx)
             if str(run_dir) not in ended:  # else a job of a continued sweep that had ended: its row is there
-                row = summary.unfinished_row(idx, overrides, run_dir, f"the sweep stopped ({reason})", metric)
+                row = summary.unfinished_row(idx, overrides, run_dir, f"the sweep stopped ({reason})", objective)
                 summary.append_row(csv, row)
         rows = {r["job"]: r for r in summary.latest(summary.read_rows(csv))}
         unfinished = [str(idx) for idx in jobs if rows.get(str(idx), {}).get("status") == "interrupted"]
-        summary.write_summary(sweep_dir, metric, mode)
+        summary.write_summary(sweep_dir, objective)
     interrupted = (f"{len(unfinished)} of its {len(jobs)} jobs are marked interrupted (jobs {', '.join(unfinished)})"
                    if unfinished else f"none of its {len(jobs)} jobs was cut off")
     books = f"; every job's result is in {csv} (table: {sweep_dir / 'summary.md'})" if csv.is_file() else ""

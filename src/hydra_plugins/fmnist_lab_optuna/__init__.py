@@ -6,6 +6,9 @@
 - Trials are asked in batches of `n_jobs` and launched together through the chosen launcher (basic, joblib,
   submitit, SLURM). A trial whose job failed or returned a non-finite objective is FAIL; a batch with more than
   `max_failure_rate` of its trials failed stops the search, and the sweep summary says which jobs failed.
+- Several objectives: `optimized_metric` a list and `directions` one direction per metric; each job returns a
+  list of values, the study keeps them under the metrics' names, and the sweep summary marks the Pareto front.
+  Each trial records its job folder as the user attribute `run_dir` (shown by optuna-dashboard).
 - Run again with the same `hydra.sweep.dir`, a search continues its study (`<sweep dir>/optuna.db`):
   `n_trials` is the study's total, trials a killed search left RUNNING are closed (COMPLETE with the value
   their job recorded, else FAIL), and the sampler is reseeded, so new trials do not repeat the first ones.
@@ -18,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,18 +35,20 @@ from hydra.plugins.sweeper import Sweeper
 log = logging.getLogger(__name__)
 
 
-def recorded_value(params: dict[str, Any], sweep_dir: Path, metric: str) -> float | None:
-    """The objective that a finished job with exactly these parameters recorded in the sweep folder."""
+def recorded_value(params: dict[str, Any], sweep_dir: Path, metric: Any) -> float | list[float] | None:
+    """The objective (`optimized_metric`: one value, or a list) that a finished job with exactly these parameters
+    recorded in the sweep folder."""
     from fmnist_lab.run_dir import BadFileError, RunDir
+    from fmnist_lab.sweep import objective_values
 
     for overrides in sweep_dir.glob("*/.hydra/overrides.yaml"):
         given = dict(o.split("=", 1) for o in job_overrides(overrides) if "=" in o)
         if all(given.get(name) == str(value) for name, value in params.items()):
             try:
-                value = RunDir(overrides.parent.parent).finished().get(metric)
+                value = objective_values(RunDir(overrides.parent.parent).finished(), metric)
             except BadFileError:
                 continue
-            if value is not None and math.isfinite(value):
+            if value is not None:
                 return value
     return None
 
@@ -129,9 +135,10 @@ def make_sampler(sampler: Any, space: dict[str, Any]) -> tuple[Any, int | None]:
     return sampler(search_space=grid), math.prod(len(values) for values in grid.values())
 
 
-def tell(study: Any, trial: Any, value: float | None) -> None:
-    """Record a trial's end: its value, or FAIL for None. The grid sampler stops the study once every combination
-    has run, which Optuna allows only inside `optimize`: with ask/tell that raises, after the trial is stored."""
+def tell(study: Any, trial: Any, value: float | list[float] | None) -> None:
+    """Record a trial's end: its value (a list for several objectives), or FAIL for None. The grid sampler stops
+    the study once every combination has run, which Optuna allows only inside `optimize`: with ask/tell that
+    raises, after the trial is stored."""
     import optuna
 
     try:
@@ -144,19 +151,24 @@ def tell(study: Any, trial: Any, value: float | None) -> None:
             raise
 
 
-def objective(value: Any) -> float | None:
-    """A job's returned objective as a finite float, or None (a failed job returns None)."""
+def objective(value: Any, count: int) -> float | list[float] | None:
+    """A job's returned objective as a finite float, or a list of `count` of them for a multi-objective search;
+    None for anything else (a failed job returns None)."""
     try:
-        value = float(value)
+        values = [float(v) for v in (value if count > 1 else [value])]
     except (TypeError, ValueError):
         return None
-    return value if math.isfinite(value) else None
+    if len(values) != count or not all(map(math.isfinite, values)):
+        return None
+    return values if count > 1 else values[0]
 
 
 class OptunaSweeper(Sweeper):
     def __init__(self, sampler: Any, direction: str, study_name: str, storage: str | None, n_trials: int,
-                 n_jobs: int, max_failure_rate: float, params: dict[str, str] | None = None) -> None:
+                 n_jobs: int, max_failure_rate: float, params: dict[str, str] | None = None,
+                 directions: list[str] | None = None) -> None:
         self.sampler, self.direction, self.study_name, self.storage = sampler, direction, study_name, storage
+        self.directions = None if directions is None else list(directions)
         self.n_trials, self.n_jobs, self.max_failure_rate = n_trials, max(1, n_jobs), max_failure_rate
         self.params = dict(params or {})
 
@@ -168,15 +180,23 @@ class OptunaSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> None:
         import optuna
 
+        from fmnist_lab.sweep import Objective
+
+        metric = self.config.get("optimized_metric", "val/acc_best")
+        objective_of_study = Objective.of_search(metric, self.direction, self.directions)
+        if objective_of_study.multi and isinstance(self.sampler, optuna.samplers.CmaEsSampler):
+            raise SystemExit(f"error: hydra/sweeper/sampler=cmaes searches for one objective, and this search has "
+                             f"{len(objective_of_study.metrics)} ({objective_of_study.title()}). Choose "
+                             "hydra/sweeper/sampler=tpe (the default), gp, random or grid, or optimize one metric.")
         space, fixed = search_space(self.params, arguments)
         self.sampler, combinations = make_sampler(self.sampler, space)
         n_trials = min(self.n_trials, combinations or self.n_trials)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        study = self.open_study()
+        study = self.open_study(objective_of_study)
         earlier = len(study.trials)
         if earlier:  # a continued search: n_trials in all, and a sampler that does not start over
             self.sampler.reseed_rng()  # seeded from `seed`, it would propose the first trials again
-            close_stale_trials(study, sweep_dir, self.config.get("optimized_metric", "val/acc_best"))
+            close_stale_trials(study, sweep_dir, metric)
             log.info(f"continuing the study {self.study_name} ({earlier} trials so far): "
                      f"{max(0, n_trials - earlier)} more")
         job = 0
@@ -187,8 +207,11 @@ class OptunaSweeper(Sweeper):
             job += len(batch)
             failed = 0
             for trial, ret in zip(trials, returns, strict=True):
-                value = objective(ret.return_value if ret.status == JobStatus.COMPLETED else None)
+                value = objective(ret.return_value if ret.status == JobStatus.COMPLETED else None,
+                                  len(objective_of_study.metrics))
                 failed += value is None
+                if ret.hydra_cfg is not None:  # which job folder holds the trial's run, for the dashboard
+                    trial.set_user_attr("run_dir", str(ret.hydra_cfg.hydra.runtime.output_dir))
                 tell(study, trial, value)
             if failed / len(trials) > self.max_failure_rate:
                 log.error(f"Optuna search stopped after {len(study.trials)} trials: {failed} of a batch of "
@@ -196,17 +219,21 @@ class OptunaSweeper(Sweeper):
                           "job's error is in the sweep summary")
                 return
         finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-        if finished:
+        if finished and objective_of_study.multi:
+            front = sorted(t.number for t in study.best_trials)
+            log.info(f"Pareto front of {objective_of_study.title()}: trials {', '.join(map(str, front))}")
+        elif finished:
             log.info(f"best trial {study.best_trial.number}: {study.best_value:.4f} with {study.best_params}")
 
-    def open_study(self) -> Any:
+    def open_study(self, objective: Any) -> Any:
         """The study, new or continued; SystemExit with one paragraph for a storage an older or newer Optuna wrote
-        (its tables differ): it is not changed without the user's word."""
+        (its tables differ), or a study made for other objectives: it is not changed without the user's word."""
         import optuna
 
+        directions = ["maximize" if mode == "max" else "minimize" for mode in objective.modes]
         try:
-            return optuna.create_study(study_name=self.study_name, storage=self.storage, sampler=self.sampler,
-                                       direction=self.direction, load_if_exists=True)
+            study = optuna.create_study(study_name=self.study_name, storage=self.storage, sampler=self.sampler,
+                                        directions=directions, load_if_exists=True)
         except RuntimeError as err:
             if "no longer compatible with the table schema" not in str(err):
                 raise
@@ -218,9 +245,22 @@ class OptunaSweeper(Sweeper):
             raise SystemExit(f"error: the study storage {self.storage} was written by {by}, and Optuna "
                              f"{optuna.__version__} cannot read its tables as they are, so no trial was run. {fix}; "
                              "or leave hydra.sweep.dir out for a new study.") from None
+        made_for = [d.name.lower() for d in study.directions]
+        if made_for != directions or study.metric_names not in (None, list(objective.metrics)):
+            what = ", ".join(f"{name} ({d[:3]})" for name, d in zip(study.metric_names, made_for, strict=True)) \
+                if study.metric_names else ", ".join(made_for)
+            raise SystemExit(f"error: the study {self.study_name} in {self.storage} was made for {what}, and this "
+                             f"search is for {objective.title()}, so no trial was run. Give optimized_metric and "
+                             "hydra.sweeper.direction(s) as that study had them to continue it, or leave "
+                             "hydra.sweep.dir out (or set hydra.sweeper.study_name) for a new study.")
+        if study.metric_names is None:  # the dashboard and study.trials_dataframe() name the values with them
+            with warnings.catch_warnings():  # experimental since Optuna 3.2, and unchanged since
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names(list(objective.metrics))
+        return study
 
 
-def close_stale_trials(study: Any, sweep_dir: Path, metric: str) -> None:
+def close_stale_trials(study: Any, sweep_dir: Path, metric: Any) -> None:
     """Trials a killed search left RUNNING: COMPLETE with the value their job recorded, else FAIL."""
     import optuna
 

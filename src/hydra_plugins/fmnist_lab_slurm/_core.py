@@ -22,7 +22,6 @@ from typing import Any
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
-from omegaconf import OmegaConf
 
 from fmnist_lab import sweep as summary
 from fmnist_lab.run_dir import RunDir
@@ -174,7 +173,7 @@ def launch(launcher: Any, job_overrides: Any, initial_job_idx: int) -> list[JobR
             returns = wait_for_jobs(launcher, jobs, waiting)
     except SweepLeft as left:
         ids = " ".join(job.job_id for job in waiting.values())
-        summary.write_summary(sweep_dir, *objective(config))
+        summary.write_summary(sweep_dir, summary.Objective.of_sweep(config))
         print(f"\nsweep stopped ({left.name}): {len(waiting)} SLURM job(s) go on without it ({ids}); "
               f"`scancel {ids}` stops them. Every job that ended is in {sweep_dir / 'summary.csv'}.", file=sys.stderr)
         raise SystemExit(left.exit_code) from None
@@ -236,11 +235,6 @@ def wait_for_jobs(launcher: Any, jobs: dict[int, list[str]], waiting: dict[int, 
     return returns
 
 
-def objective(config: Any) -> tuple[str, str]:
-    return (OmegaConf.select(config, "hydra.callbacks.summary.metric", default="val/acc_best"),
-            OmegaConf.select(config, "hydra.callbacks.summary.mode", default="max"))
-
-
 def finish(launcher: Any, idx: int, overrides: list[str], job: Any, state: str, has_result: bool) -> JobReturn:
     """The row of a job that SLURM says has ended, and its JobReturn for the sweeper (no value: a failed job)."""
     config = launcher.config
@@ -250,11 +244,12 @@ def finish(launcher: Any, idx: int, overrides: list[str], job: Any, state: str, 
     ret = JobReturn(overrides=overrides, status=JobStatus.COMPLETED)  # no return value: a failed job's
     if not has_result:
         row = summary.unfinished_row(idx, overrides, run_dir, f"{how} without a result (log: {log_file})",
-                                     objective(config)[0])
+                                     summary.Objective.of_sweep(config))
     else:
         try:
             ret = job.task(0).result()
-            row = summary.job_row(run_dir, idx, overrides, summary.model_name(ret.cfg), ret, objective(config)[0])
+            row = summary.job_row(run_dir, idx, overrides, summary.model_name(ret.cfg), ret,
+                                   summary.Objective.of_sweep(config))
         except Exception as err:  # the job raised outside fmnist_lab's error policy: its last line says what
             row = {"job": idx, "status": "failed", "overrides": " ".join(overrides), "run_dir": str(run_dir),
                    "model": summary.saved_model(RunDir(run_dir)), "error": f"{last_error(err)} (log: {log_file})"}
