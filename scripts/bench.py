@@ -213,19 +213,20 @@ def raw_loop(args, cuda_graph: bool = False) -> dict:
 
 def interleaved(args) -> None:
     """The CPU overhead question without the noise of separate processes: in one process, alternate the raw
-    loop with fmnist_lab's own training (`train.build` on the default config plus `overrides`), `args.steps`
-    steps each, `args.interleave` times, and print each variant's median step time against the raw loop's."""
+    loop with fmnist_lab's own training (`fmnist_lab.build.build` on the default config plus `overrides`),
+    `args.steps` steps each, `args.interleave` times, and print each variant's median step time against the raw
+    loop's."""
     import statistics
 
     import torch
     import torch.nn.functional as F
     from hydra import compose, initialize_config_dir
 
+    from fmnist_lab.build import build, quiet_libraries
     from fmnist_lab.callbacks import EpochTimer
     from fmnist_lab.cli import config_dir
     from fmnist_lab.data import DeviceLoader
     from fmnist_lab.models import MLP
-    from fmnist_lab.train import build, quiet_libraries
 
     _, splits = load(args)
 

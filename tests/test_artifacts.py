@@ -20,10 +20,11 @@ from PIL import Image
 
 from conftest import compose_cfg, run_cli
 from fmnist_lab import load_model
-from fmnist_lab.artifacts import UnsafeFileError, first_images, freeze, save_weights, verify_onnx, warm_start
+from fmnist_lab.artifacts import first_images, freeze, save_weights, verify_onnx, warm_start
 from fmnist_lab.callbacks import OnnxExport
 from fmnist_lab.data import CLASSES, FashionMNISTDataModule, load_split
 from fmnist_lab.evaluate import evaluate
+from fmnist_lab.model_files import UnsafeFileError
 from fmnist_lab.models import CNN, MLP, Classifier, UnknownNetworkError, register
 from fmnist_lab.predict import main as predict_main
 from fmnist_lab.train import train

@@ -150,7 +150,7 @@ def test_csv_logger_gets_the_final_metrics_and_the_run_keeps_its_files(synthetic
 
 
 def test_a_taken_run_directory_name_gets_a_suffix(tmp_path):
-    from fmnist_lab.run_dir import unique_dir
+    from fmnist_lab.run_dir_resolvers import unique_dir
 
     base = tmp_path / "2026-01-01" / "12-00-00"
     base.mkdir(parents=True)  # another process started a run in the same second
@@ -161,7 +161,7 @@ def test_a_taken_run_directory_name_gets_a_suffix(tmp_path):
 @pytest.mark.slow
 def test_runs_started_together_in_one_folder_each_get_their_own_directory(synthetic_root, tmp_path):
     """Three runs launched at once from the same folder: three directories, each with its own config and
-    results (before, runs started in the same second shared one)."""
+    results: runs started in the same second never share one."""
     processes = [subprocess.Popen([sys.executable, "-m", "fmnist_lab", f"seed={seed}", f"data.root={synthetic_root}",
                                    "device=cpu", "debug=limit", "epochs=1", "logger=none", "~callbacks.onnx_export",
                                    "~callbacks.report"],

@@ -14,10 +14,10 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
 from conftest import compose_cfg
+from fmnist_lab.build import build
 from fmnist_lab.cli import config_dir
 from fmnist_lab.models import CNN, MLP
 from fmnist_lab.tracking import MLflowLogger
-from fmnist_lab.train import build
 
 GROUPS = sorted(p.name for p in Path(config_dir()).iterdir() if p.is_dir())
 OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((Path(config_dir()) / g).glob("*.yaml"))]

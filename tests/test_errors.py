@@ -63,8 +63,8 @@ def test_a_config_error_answers_before_torch_and_lightning_load(tmp_path):
 
 @pytest.mark.parametrize(("override", "message"), BAD_NETWORK, ids=[b[0] for b in BAD_NETWORK])
 def test_bad_network_settings_are_one_clear_error_before_any_data(tmp_path, override, message):
+    from fmnist_lab.build import build
     from fmnist_lab.config import ConfigError
-    from fmnist_lab.train import build
 
     with pytest.raises(ConfigError, match=message) as err:
         build(compose_cfg("device=cpu", "data.root=/nonexistent", *override.split(), output_dir=tmp_path))

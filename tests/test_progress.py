@@ -19,7 +19,7 @@ import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from fmnist_lab.callbacks import EpochProgress
+from fmnist_lab.console import EpochProgress
 
 # 200 training batches an epoch, long enough for the bar to be drawn; no ONNX export or test report
 QUICK = ["epochs=2", "device=cpu", "~callbacks.onnx_export", "~callbacks.report", "trainer.limit_train_batches=200",

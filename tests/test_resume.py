@@ -21,7 +21,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import compose_cfg, only_run_dir, run_cli
 from fmnist_lab.config import ConfigError, validate
 from fmnist_lab.evaluate import main as evaluate_main
-from fmnist_lab.run_dir import RUN_STAMP, BadFileError, ResumeError, RunDir, atomic_write, find_run
+from fmnist_lab.run_dir import RUN_STAMP, BadFileError, ResumeError, RunDir, atomic_write
+from fmnist_lab.run_dir_resolvers import find_run
 
 # 200 batches of 128 a epoch: a second or so, long enough to stop in the middle of epoch 2
 # without the ONNX export and the test report, which these tests are not about
@@ -243,6 +244,7 @@ def test_sigterm_in_a_sweep_records_the_job_and_stops_the_sweep(synthetic_root, 
     assert not (sweep_dir / "1").exists()  # the sweep stopped: the second job never started
     assert "interrupted: SIGTERM" in (sweep_dir / "summary.md").read_text()
     assert json.loads((sweep_dir / "0" / "metrics.json").read_text())["status"] == "interrupted"
+    assert json.loads((sweep_dir / "0" / "metrics.json").read_text())["signal"] == "SIGTERM"
 
     # the same command again continues the sweep: job 0 from its checkpoint, then job 1
     run_cli(tmp_path, "-m", "lr=0.05,0.1", f"data.root={synthetic_root}", "logger=none",
@@ -261,6 +263,18 @@ def test_ctrl_c_saves_marks_and_exits_130(synthetic_root, tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["status"] == "interrupted" and metrics["error"].startswith("Ctrl-C at step")
     assert 200 < torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] < 400
+    assert metrics["signal"] == "SIGINT"  # the signal as a field: nothing parses it out of the error's words
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_sweep_stops_it_with_130_from_the_jobs_signal_field(synthetic_root, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    stopped = start_and_signal(tmp_path, signal.SIGINT, "-m", "lr=0.05,0.1", f"data.root={synthetic_root}",
+                               "logger=none", f"hydra.sweep.dir={sweep_dir}", *QUICK)
+    assert stopped.returncode == 130, stopped.stderr[-2000:]
+    metrics = json.loads((sweep_dir / "0" / "metrics.json").read_text())
+    assert (metrics["status"], metrics["signal"]) == ("interrupted", "SIGINT")
+    assert not (sweep_dir / "1").exists()
 
 
 @pytest.mark.slow

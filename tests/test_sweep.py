@@ -21,7 +21,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from conftest import run_cli, web_server
-from fmnist_lab.sweep import Objective, markdown, plot, ranked
+from fmnist_lab.sweep_objective import Objective
+from fmnist_lab.sweep_report import markdown, plot, ranked
 
 ACCURACY = Objective(("val/acc_best",), ("max",))
 QUICK = ["debug=limit", "device=cpu", "~callbacks.onnx_export", "~callbacks.report"]  # neither is what sweeps test
@@ -324,8 +325,8 @@ def test_summary_table_shows_rounded_overrides_and_numbers():
 
 
 def test_summary_plot_draws_failed_jobs_apart_from_the_scores(tmp_path):
-    """A failed job's cross sits on a strip of its own under the scores, at its parameter value (before, it sat
-    among the scores at the lowest one's height); the swept values are the rounded tick labels."""
+    """A failed job's cross sits on a strip of its own under the scores, at its parameter value (among the scores
+    it would read as a low score); the swept values are the rounded tick labels."""
     lrs = ["0.0031622776601683794", "3.1622776601683795", "0.00031622776601683794", "0.1"]
     rows = ranked([summary_row(0, "ok", "0.81", f"optimizer.lr={lrs[0]} model=mlp"),
                    summary_row(1, "failed", "", f"optimizer.lr={lrs[1]} model=cnn", "FloatingPointError: nan"),
@@ -363,7 +364,8 @@ def refused(cwd: Path, sweep_dir: Path | str, *args: str) -> str:
 
 
 def test_a_sweep_folder_that_cannot_be_written_is_refused_in_one_paragraph(tmp_path):
-    """Before, Hydra's write of multirun.yaml ended the sweep in an OSError traceback."""
+    """Hydra writes multirun.yaml there before any job: without this check, the sweep ends in an OSError
+    traceback."""
     if os.geteuid() == 0:  # root writes anywhere but in sysfs
         read_only = Path("/sys/fs")
     else:
@@ -385,7 +387,7 @@ def test_a_sweep_folder_that_cannot_be_written_is_refused_in_one_paragraph(tmp_p
 
 
 def test_a_sweep_into_a_single_run_folder_is_refused(tmp_path):
-    """Before, the jobs went into the run's folder, where `python -m fmnist_lab.runs` never looks."""
+    """Otherwise the jobs would go into the run's folder, where `python -m fmnist_lab.runs` never looks."""
     run = tmp_path / "outputs" / "2024-01-01" / "12-00-00"
     (run / ".hydra").mkdir(parents=True)
     assert refused(tmp_path, run).startswith(f"error: {run} is the folder of a single run (it holds .hydra/); a sweep "
@@ -399,7 +401,7 @@ def test_a_sweep_into_a_single_run_folder_is_refused(tmp_path):
     ("hydra:\n  overrides:\n    task: 3\n", "is damaged: it holds no hydra.overrides.task list."),
 ])
 def test_an_earlier_multirun_yaml_is_read_as_untrusted_data(tmp_path, content, why):
-    """Before, OmegaConf.load read it (aliases expanded, a damaged file only a warning, and the sweep ran on)."""
+    """Not OmegaConf.load, which expands aliases, and only warns of a damaged file while the sweep runs on."""
     sweep_dir = tmp_path / "sweep"
     sweep_dir.mkdir()
     (sweep_dir / "multirun.yaml").write_text(content)
@@ -409,7 +411,7 @@ def test_an_earlier_multirun_yaml_is_read_as_untrusted_data(tmp_path, content, w
 
 
 def test_an_optuna_job_folder_with_damaged_overrides_stops_the_search_with_its_name(tmp_path):
-    """Closing the trials of a stopped search reads each job's overrides.yaml as untrusted data (before:
+    """Closing the trials of a stopped search reads each job's overrides.yaml as untrusted data (not with
     OmegaConf.load, which expands aliases)."""
     from hydra_plugins.fmnist_lab_optuna import recorded_value
 

@@ -108,8 +108,8 @@ def statuses(sweep: Sweep) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_sigterm_while_the_workers_start_marks_every_job_interrupted(start_sweep, synthetic_root):
-    """SIGTERM as joblib's workers start (before they import torch): before, the sweep process died at once and
-    left both workers behind, one training job 0 to its end, and summary.csv without a row."""
+    """SIGTERM as joblib's workers start (before they import torch): the sweep process must not die at once,
+    leaving both workers behind, one training job 0 to its end, and summary.csv without a row."""
     sweep = start_sweep("lr=0.01,0.1", f"data.root={synthetic_root}", "debug=limit", "epochs=30")
     wait_for(sweep.workers, 120, "joblib worker")
     sweep.process.send_signal(signal.SIGTERM)
@@ -137,7 +137,7 @@ def test_ctrl_c_during_training_stops_each_job_as_a_run_and_ends_the_sweep(start
 
 @pytest.mark.slow
 def test_a_killed_worker_ends_the_sweep_with_every_job_marked(start_sweep, synthetic_root):
-    """SIGKILL of a worker (as the OOM killer does): joblib ends the other worker at once. Before, the sweep ended
+    """SIGKILL of a worker (as the OOM killer does): joblib ends the other worker at once. The sweep must not end
     in joblib's TerminatedWorkerError with summary.csv empty and the other job unmarked."""
     sweep = start_sweep("lr=0.01,0.1", f"data.root={synthetic_root}", "debug=limit", "epochs=30")
     wait_for(lambda: sweep.logged("parameters:"), 300, "job that has built its network")

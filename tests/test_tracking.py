@@ -17,9 +17,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import compose_cfg, only_run_dir, run_cli, web_server
+from fmnist_lab.build import plain
 from fmnist_lab.config import ConfigError, validate
-from fmnist_lab.tracking import check_store, swept_knobs
-from fmnist_lab.train import plain
+from fmnist_lab.tracking import check_store, logged_settings
 
 QUICK = ["debug=limit", "device=cpu", "~callbacks.onnx_export"]
 
@@ -66,7 +66,7 @@ def test_a_parallel_sweep_logs_every_job_into_one_new_mlflow_store(synthetic_roo
 
 
 def test_the_logged_settings_are_the_knobs_a_user_sweeps(tmp_path):
-    knobs = swept_knobs(plain(compose_cfg("model=cnn", "optimizer=adamw", "data.augment.flip=0.5",
+    knobs = logged_settings(plain(compose_cfg("model=cnn", "optimizer=adamw", "data.augment.flip=0.5",
                                           output_dir=tmp_path)))
     assert {"lr": 0.05, "batch_size": 128, "epochs": 10, "seed": 42, "device": "auto", "model": "CNN",
             "model/channels": "[32, 64, 128]", "optimizer": "AdamW", "optimizer/weight_decay": 0.01,

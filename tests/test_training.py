@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import compose_cfg
+from fmnist_lab.callbacks import RunResults
 from fmnist_lab.data import DeviceLoader, FashionMNISTDataModule
 from fmnist_lab.gpu_step import CudaGraphs
 from fmnist_lab.models import Classifier
@@ -85,10 +86,11 @@ def test_gradient_accumulation_is_lightnings(synthetic_root):
     assert trainer.global_step == 4
 
 
-class CountOptimizerSteps(pl.Callback):
-    """A callback on Lightning's per-step hook; its count lands in metrics.json (callbacks' `metrics`)."""
+class CountOptimizerSteps(RunResults):
+    """A callback on Lightning's per-step hook; its count lands in metrics.json (a RunResults' `metrics`)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.metrics = {"optimizer_steps_seen": 0}
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
@@ -166,3 +168,39 @@ def test_bench_script_runs_and_prints_the_table(real_root, tmp_path):
     assert all(abs(accuracy[p] - accuracy["(c)"]) < 0.05 for p in ("(b)", "(e)")) and accuracy["(c)"] > 0.4
     assert 0.05 < accuracy["(a)"] < accuracy["(c)"]
     assert "| (c) raw PyTorch loop, device-resident batches | " in out.read_text() and "1.00x" in rows[2]
+
+
+def test_a_key_of_metrics_json_has_one_writer():
+    """A RunResults callback that gives a key the run (or another callback) gives already is a bug, said at once,
+    never a silent overwrite."""
+    from fmnist_lab.callbacks import RunResults
+    from fmnist_lab.results import take_results
+
+    first, second = RunResults(), RunResults()
+    first.metrics, first.files = {"onnx": {"ok": True}}, [Path("model.onnx")]
+    second.metrics, second.error = {"test/macro_f1": 0.9}, "a check failed"
+    metrics = {"test/acc": 0.9}
+    files, errors = take_results([first, second], metrics, [Path("metrics.json")])
+    assert metrics == {"test/acc": 0.9, "onnx": {"ok": True}, "test/macro_f1": 0.9}
+    assert files == [Path("metrics.json"), Path("model.onnx")] and errors == ["a check failed"]
+    clash = RunResults()
+    clash.metrics = {"test/acc": 1.0}
+    with pytest.raises(RuntimeError, match="gives test/acc, which the run or another callback gives already"):
+        take_results([clash], metrics, [])
+
+
+@pytest.mark.parametrize(("overrides", "task"), [
+    (None, "train"), ([], "train"), (["experiment=cnn", "trainer.limit_train_batches=30"], "train"),
+    (["debug=limit"], "debug"), (["+debug=overfit", "lr=0.1"], "debug"), (["debug=null"], "train"),
+    ("damaged: [", "train")])
+def test_the_task_is_debug_for_a_run_started_with_a_debug_option(tmp_path, overrides, task):
+    """metrics.json's `task` comes from the run's own .hydra/overrides.yaml (a resumed run keeps its first
+    overrides there), not from a key each config sets."""
+    from fmnist_lab.provenance import task as task_of
+    from fmnist_lab.run_dir import RunDir
+
+    run = RunDir(tmp_path)
+    if overrides is not None:
+        run.hydra.mkdir()
+        run.overrides.write_text(overrides if isinstance(overrides, str) else "".join(f"- {o}\n" for o in overrides))
+    assert task_of(run) == task

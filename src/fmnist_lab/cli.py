@@ -7,12 +7,10 @@ metrics.json failed, keeping its checkpoints. A single run then exits 1; a sweep
 
 from __future__ import annotations
 
-import errno
 import logging
-import shutil
 import signal
 import sys
-from contextlib import nullcontext, suppress
+from contextlib import nullcontext
 from typing import Any
 
 import hydra
@@ -20,18 +18,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from fmnist_lab.config import ConfigError, config_dir, register, untrusted_targets, validate
-from fmnist_lab.run_dir import (
-    BadFileError,
-    Interrupted,
-    ResumeError,
-    RunBusyError,
-    RunDir,
-    RunDirError,
-    created_here,
-    describe_write_error,
-    is_rank_zero,
-)
+from fmnist_lab.config import config_dir, register, untrusted_targets, validate
+from fmnist_lab.outcome import FAILED, JobFailed, ending, exit_code
+from fmnist_lab.run_dir import RunBusyError, RunDir, RunDirError, is_rank_zero
+from fmnist_lab.sweep_machine import is_multirun, share_machine, use_slurm_cpus
+from fmnist_lab.sweep_objective import objective_values
 
 log = logging.getLogger(__name__)
 register()  # the typed schema conf/train.yaml builds on
@@ -41,56 +32,31 @@ register()  # the typed schema conf/train.yaml builds on
 def main(cfg: DictConfig) -> float | list[float] | None:
     """One job. Returns the objective for sweepers: `optimized_metric` (a list of values when it lists several
     metrics), or None for a failed job."""
-    from fmnist_lab.sweep import is_multirun, share_machine, use_slurm_cpus  # heavy imports: `--help` answers at once
-
     launcher = HydraConfig.get().launcher.get("_target_", "") if is_multirun() else None
     use_slurm_cpus()
     if launcher is not None:
         share_machine(cfg)
-    value, failure, exit_code = run_job(cfg, launcher)
-    if exit_code == 128 + signal.SIGUSR2:
+    value, failure, code = run_job(cfg, launcher)
+    if code == exit_code(signal.SIGUSR2):
         failure = requeue_on_slurm(RunDir(cfg.paths.output_dir), failure)
     if failure is None:
         return value
     if launcher is not None:  # the summary lists this job with the error; an interrupted job stops the sweep
-        log.error(f"job {'interrupted' if exit_code != 1 else 'failed'}: {failure}")
+        log.error(f"job {'interrupted' if code != FAILED else 'failed'}: {failure}")
         return None  # Optuna counts a trial without a value as failed
     print(f"error: {failure}", file=sys.stderr)
-    raise SystemExit(exit_code)
+    raise SystemExit(code)
 
 
 def run_job(cfg: DictConfig, sweep_launcher: str | None) -> tuple[float | list[float] | None, str | None, int]:
     """Check the config and train: (objective, None, 0), or (None, one paragraph saying what went wrong, the
-    exit code: 1, or 143/130 for a run a signal stopped)."""
+    exit code: 1, or 128 + the signal for a run a signal stopped); fmnist_lab.outcome decides which."""
     run = RunDir(cfg.paths.output_dir)
     try:
         with run.writing() if is_rank_zero() else nullcontext():  # DDP ranks > 0 write nothing of the run
             metrics = do_job(cfg, run, sweep_launcher)
-    except (ResumeError, BadFileError, RunBusyError, JobFailed) as err:  # nothing was run: the folder stays as it was
-        return None, str(err), 1
-    except Interrupted as err:  # metrics.json already says so
-        return None, str(err), err.exit_code
-    except RunDirError as err:  # the folder cannot take files: nothing to mark
-        return None, err.strerror, 1
     except Exception as err:
-        if could_not_start(err) and sweep_launcher is None:  # a resumed run stays as it was; a new one goes
-            if created_here(run.path):  # (a sweep's job stays, marked failed: the summary's row points to it)
-                shutil.rmtree(run.path, ignore_errors=True)
-                with suppress(OSError):  # the date folder above it, when this was its only run
-                    run.path.parent.rmdir()
-            return None, str(err), 1
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
-            run.mark_failed(err)  # where it can still be written
-            return None, describe_write_error(err, run.path), 1
-        if not isinstance(err, ConfigError | FloatingPointError) and not is_foreseen(err):
-            log.exception("unexpected error")  # a bug: the traceback goes to the log and the console
-        if is_rank_zero():
-            run.mark_failed(err)
-        if could_not_start(err):
-            return None, str(err), 1
-        return None, f"{err}\nThe run is marked failed in {run.metrics}; {run.kept()}", 1
-    from fmnist_lab.sweep import objective_values
-
+        return None, *ending(err, run, in_sweep=sweep_launcher is not None)
     return objective_values(metrics, cfg.optimized_metric), None, 0
 
 
@@ -151,10 +117,6 @@ def requeue_on_slurm(run: RunDir, failure: str) -> str:
     return failure
 
 
-class JobFailed(Exception):
-    """A sweep job that failed in an earlier invocation of the same sweep: its error stands."""
-
-
 class RunStart(Callback):
     """Checks Hydra runs before it writes anything into the run folder (its config, its log file): the folder
     must take files, and a run that `resume=` names must not be written by another live process."""
@@ -176,18 +138,3 @@ def job_ended(run: RunDir) -> bool:
     """The job's metrics.json says it finished or failed (not: missing, or interrupted)."""
     metrics = run.read_metrics()
     return bool(metrics) and metrics.get("status", "ok") in ("ok", "failed")
-
-
-def could_not_start(err: Exception) -> bool:
-    """A config value or the data set stopped the job before it trained anything."""
-    from fmnist_lab.data import DataError
-
-    return isinstance(err, ConfigError | DataError)
-
-
-def is_foreseen(err: Exception) -> bool:
-    """Errors that fmnist_lab raises with a message that says what to do: no traceback for them."""
-    from fmnist_lab.data import DataError
-    from fmnist_lab.train import ArtifactError
-
-    return isinstance(err, DataError | ArtifactError)

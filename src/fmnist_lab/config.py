@@ -16,10 +16,11 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from fmnist_lab.run_dir import config_subdir, find_run, run_dir, unique_dir
+from fmnist_lab.run_dir_resolvers import config_subdir, find_run, run_dir, unique_dir
 
 TRAIN_IMAGES, TEST_IMAGES = 60_000, 10_000
 DEVICES = ("auto", "cpu", "gpu")
+MLFLOW_LOGGER = "fmnist_lab.tracking.MLflowLogger"  # conf/logger/mlflow.yaml's: it needs the mlflow package
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")
 
 
@@ -47,7 +48,6 @@ class TrainConfig:
     lr: float = 0.05
     batch_size: int = 128
     seed: Any = 42  # an int, or null for an unseeded run
-    task_name: str = "train"
     optimized_metric: Any = "val/acc_best"  # a metric of metrics.json, or a list (a multi-objective sweep)
     resume: Any = None  # null, a run directory, or `latest`
     finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig())
@@ -141,35 +141,60 @@ def check_limits(cfg: DictConfig, processes: int) -> None:
 
 
 def validate(cfg: DictConfig, sweep_launcher: str | None = None) -> None:
-    """Check every value a run depends on, before any data is read or any process started. `sweep_launcher`:
-    the `_target_` of Hydra's launcher when this is a job of a sweep."""
+    """Check every value a run depends on, before any data is read or any process started, and stop at the first
+    that cannot work. `sweep_launcher`: the `_target_` of Hydra's launcher when this is a job of a sweep."""
     if cfg.get("resume") is not None:
-        latest = f"No run under {cfg.paths.log_dir}/ has a checkpoint to continue from. "
-        check(find_run(cfg.resume, cfg.paths.log_dir) is not None, "resume", cfg.resume,
-              (latest if cfg.resume == "latest" else "That is not a run directory (no .hydra/config.yaml). ")
-              + f"Give the folder of a run (e.g. {cfg.paths.log_dir}/2026-01-31/12-00-00) or resume=latest.")
+        check_resume(cfg)
         return  # a resumed run uses the config it was started with, checked back then
+    check_device(cfg)
+    check_training(cfg)
+    check_data(cfg)
+    check_tune(cfg.get("tune"))
+    check_loggers(cfg)
+    check_trainer(cfg)
+    check_devices(cfg)
+    check_limits(cfg, processes(cfg.trainer) * cfg.trainer.get("num_nodes", 1))
+    check_local_sweep(cfg.trainer, sweep_launcher)
+    check_augment(cfg.data)  # last: it needs torch, which the checks above answer without
+
+
+def check_resume(cfg: DictConfig) -> None:
+    latest = f"No run under {cfg.paths.log_dir}/ has a checkpoint to continue from. "
+    check(find_run(cfg.resume, cfg.paths.log_dir) is not None, "resume", cfg.resume,
+          (latest if cfg.resume == "latest" else "That is not a run directory (no .hydra/config.yaml). ")
+          + f"Give the folder of a run (e.g. {cfg.paths.log_dir}/2026-01-31/12-00-00) or resume=latest.")
+
+
+def check_device(cfg: DictConfig) -> None:
     check(cfg.device in DEVICES, "device", cfg.device, f"Use one of {', '.join(DEVICES)} (e.g. device=cpu).")
     if cfg.device == "gpu":
         import torch
 
         check(torch.cuda.is_available(), "device", "gpu", "No CUDA GPU is visible to PyTorch here "
               "(torch.cuda.is_available() is False); use device=cpu, or device=auto to take a GPU when there is one.")
+
+
+def check_training(cfg: DictConfig) -> None:
+    """The numbers of the training loop: epochs, seed, and the optimizer's momentum and learning rate."""
     check(cfg.epochs >= 1, "epochs", cfg.epochs, "The number of training epochs must be at least 1.")
     check(cfg.seed is None or (isinstance(cfg.seed, int) and 0 <= cfg.seed < 2**32), "seed", cfg.seed,
           "A seed is an integer from 0 to 2**32 - 1 (NumPy's range), or null for an unseeded run.")
     momentum = cfg.optimizer.get("momentum", 0.0)
     check(isinstance(momentum, int | float) and 0 <= momentum < 1, "optimizer.momentum", momentum,
           "Momentum is a fraction of the last update kept: 0 <= optimizer.momentum < 1 (e.g. 0.9).")
+    # both keys: conf/optimizer/ sets optimizer.lr to ${lr}, and an override of either names the key it gave
     for key, value in (("lr", cfg.lr), ("optimizer.lr", cfg.optimizer.get("lr", 1.0))):
         check(isinstance(value, int | float) and math.isfinite(value) and value > 0, key, value,
               "The learning rate must be a finite number > 0 (e.g. lr=0.05 for SGD, lr=1e-3 for Adam).")
 
+
+def check_data(cfg: DictConfig) -> None:
     data = cfg.data
     check(isinstance(data.val_size, int) and 0 < data.val_size < TRAIN_IMAGES, "data.val_size", data.val_size,
           f"The validation set is taken from the {TRAIN_IMAGES:,} training images: use 1..{TRAIN_IMAGES - 1} "
           "(default 5000).")
     train_size = TRAIN_IMAGES - data.val_size
+    # both keys, as for the learning rate: conf/data/ sets data.batch_size to ${batch_size}
     for key, value in (("batch_size", cfg.batch_size), ("data.batch_size", data.batch_size),
                        ("data.eval_batch_size", data.eval_batch_size)):
         check(isinstance(value, int) and 1 <= value <= train_size, key, value,
@@ -181,20 +206,28 @@ def validate(cfg: DictConfig, sweep_launcher: str | None = None) -> None:
           augment, "It takes crop_padding, flip and erase (e.g. data.augment.flip=0.5); torchvision transforms "
           "for the dataloader backend go in data.transforms.")
 
-    if tune := cfg.get("tune"):
+
+def check_tune(tune: DictConfig | None) -> None:
+    if tune:
         check(0 < tune.min_lr < tune.max_lr, "tune.min_lr", tune.min_lr,
               f"The range test runs from tune.min_lr to tune.max_lr ({tune.max_lr}): 0 < min_lr < max_lr.")
         check(isinstance(tune.num_training, int) and tune.num_training >= 10, "tune.num_training", tune.num_training,
               "It is how many rates are tried, one training step each: an integer >= 10 (default 100).")
         check(tune.mode in ("exponential", "linear"), "tune.mode", tune.mode, "Use exponential or linear.")
+
+
+def check_loggers(cfg: DictConfig) -> None:
     for name, logger in (cfg.get("logger") or {}).items():
-        if logger and "mlflow" in str(logger.get("_target_", "")).lower():
+        if logger and logger.get("_target_") == MLFLOW_LOGGER:
             try:
                 import mlflow  # noqa: F401
             except ImportError as err:
                 raise ConfigError(f"Invalid config: logger={name!r}. MLflow is not installed here: pip install -e "
                                   "'.[tracking]' (make setup installs it), or use logger=tensorboard.") from err
 
+
+def check_trainer(cfg: DictConfig) -> None:
+    """The Trainer's numbers and precision, and the GPU options they go with."""
     trainer = cfg.trainer
     precision = str(trainer.get("precision", "32-true"))
     check(precision in PRECISIONS, "trainer.precision", precision, f"Use one of {', '.join(PRECISIONS)} "
@@ -210,7 +243,21 @@ def validate(cfg: DictConfig, sweep_launcher: str | None = None) -> None:
           "The train loss is read back and logged every this many optimizer steps: an integer >= 1 (e.g. 50).")
     check(not (cfg.gpu.cuda_graphs and cfg.device == "cpu"), "gpu.cuda_graphs", True,
           "CUDA graphs need a CUDA GPU and this run trains on the CPU (device=cpu); drop gpu.cuda_graphs=true.")
+
+
+def processes(trainer: DictConfig) -> int:
+    """How many processes (ranks) `trainer.devices` asks for on each node."""
     devices = trainer.get("devices", 1)
+    return devices if isinstance(devices, int) else len(devices) if isinstance(devices, list | ListConfig) else 1
+
+
+def is_ddp(trainer: DictConfig) -> bool:
+    return str(trainer.get("strategy", "auto")).startswith("ddp")
+
+
+def check_devices(cfg: DictConfig) -> None:
+    """trainer.devices: a valid number or list, that this machine has, and data-parallel when there are several."""
+    trainer, devices = cfg.trainer, cfg.trainer.get("devices", 1)
     check(devices == "auto" or (isinstance(devices, int) and devices >= 1) or isinstance(devices, list | ListConfig),
           "trainer.devices", devices, "Use a number of devices (processes under trainer=ddp), a list of GPU "
           "indices, or auto.")
@@ -220,24 +267,27 @@ def validate(cfg: DictConfig, sweep_launcher: str | None = None) -> None:
         check(devices <= torch.cuda.device_count(), "trainer.devices", devices,
               f"This machine has {torch.cuda.device_count()} CUDA GPU(s); ask for at most that many, or use "
               "device=cpu trainer=ddp trainer.devices=N for N CPU processes.")
-    ranks = devices if isinstance(devices, int) else len(devices) if isinstance(devices, list | ListConfig) else 1
-    ddp = str(trainer.get("strategy", "auto")).startswith("ddp")
-    check(ranks == 1 or ddp or trainer.get("num_nodes", 1) > 1, "trainer.devices", devices,
+    check(processes(trainer) == 1 or is_ddp(trainer) or trainer.get("num_nodes", 1) > 1, "trainer.devices", devices,
           "Several devices train data-parallel: add trainer=ddp (e.g. trainer=ddp trainer.devices=2), or use "
           "trainer.devices=1.")
-    check_limits(cfg, ranks * trainer.get("num_nodes", 1))
+
+
+def check_local_sweep(trainer: DictConfig, sweep_launcher: str | None) -> None:
+    """Lightning starts DDP ranks 1..n-1 by running this process's command line again, which in a sweep is the
+    whole sweep; under torchrun (LOCAL_WORLD_SIZE set) or as SLURM tasks every rank already runs."""
     local = sweep_launcher is not None and "slurm" not in sweep_launcher.lower()
-    # Lightning starts DDP ranks 1..n-1 by running this process's command line again, which in a sweep is the
-    # whole sweep; under torchrun (LOCAL_WORLD_SIZE set) or as SLURM tasks every rank already runs.
-    check(not (local and ranks > 1 and ddp and "LOCAL_WORLD_SIZE" not in os.environ), "trainer.devices", devices,
-          "trainer=ddp with several devices inside a local sweep would start every rank by running the whole "
-          "sweep again. Start the sweep under torchrun, which runs every rank itself (torchrun --nproc_per_node="
-          f"{ranks} -m fmnist_lab -m trainer=ddp trainer.devices={ranks} hydra.sweep.dir=<dir> ...), or use "
-          "hydra/launcher=slurm (one SLURM task per rank).")
-    # last: the augmentation's own checks need torch, which the checks above answer without
+    ranks = processes(trainer)
+    check(not (local and ranks > 1 and is_ddp(trainer) and "LOCAL_WORLD_SIZE" not in os.environ), "trainer.devices",
+          trainer.get("devices", 1), "trainer=ddp with several devices inside a local sweep would start every rank "
+          "by running the whole sweep again. Start the sweep under torchrun, which runs every rank itself (torchrun "
+          f"--nproc_per_node={ranks} -m fmnist_lab -m trainer=ddp trainer.devices={ranks} hydra.sweep.dir=<dir> "
+          "...), or use hydra/launcher=slurm (one SLURM task per rank).")
+
+
+def check_augment(data: DictConfig) -> None:
     from fmnist_lab.data.augment import Augment
 
     try:
-        Augment(**augment)
+        Augment(**(data.get("augment") or {}))
     except ValueError as err:
         raise ConfigError(f"Invalid config: {err}") from err

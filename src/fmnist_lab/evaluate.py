@@ -15,16 +15,15 @@ usage: python -m fmnist_lab.evaluate run=<run dir|.ckpt|.pth|.onnx> [data.root=<
 
 from __future__ import annotations
 
+import argparse
 import math
 import reprlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fmnist_lab.predict import INFERENCE_BATCH, UsageError, asked_for_help, parse_args, run_main
+from fmnist_lab.predict import INFERENCE_BATCH, KeyValueParser, UsageError, run_main
 from fmnist_lab.run_dir import BadFileError, RunDir
-
-USAGE = __doc__.split("\n\n")[1].removeprefix("usage: ")
 
 
 def evaluate(run: str | Path, root: str | None = None, device: str = "auto", out: Path | None = None) -> dict:
@@ -58,7 +57,7 @@ def model_function(run: str | Path, target):
     from fmnist_lab.report import predict_split
 
     if Path(run).suffix == ".onnx":
-        from fmnist_lab.predict import load_predictor
+        from fmnist_lab.predictor import load_predictor
 
         predict, classes = load_predictor(str(run))
 
@@ -137,53 +136,74 @@ def comparison(recorded: dict, result: dict) -> str | None:
             f"(difference {100 * (result['test/acc'] - recorded['test/acc']):+.2f} points)")
 
 
+def command_line() -> KeyValueParser:
+    parser = KeyValueParser(__doc__)
+    parser.add_option("run", required=True)
+    parser.add_option("data.root")
+    parser.add_option("device", default="auto")
+    parser.add_option("report", default="false")
+    parser.add_option("out")
+    return parser
+
+
+def parse_arguments(parser: KeyValueParser, argv: Sequence[str]) -> argparse.Namespace | None:
+    """`parser.parse(argv)` with `report` as a bool, and `out` only with report=true; UsageError otherwise."""
+    args = parser.parse(argv)
+    if args is None:
+        return None
+    if args.report.lower() not in ("true", "false"):
+        raise UsageError(f"report={args.report!r}: expected true or false.")
+    args.report = args.report.lower() == "true"
+    if args.out and not args.report:
+        raise UsageError(f"out={args.out} is where report=true writes its figures, and report is off: "
+                         "add report=true, or drop out=.")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if asked_for_help(argv, __doc__):  # before the imports below, which load torch
-        return 0
+    parser = command_line()
     try:
-        # report is a string here: parse_args types a value like its default, and bool("false") is True
-        options, extra, flags = parse_args(argv,
-                                           {"run": None, "data.root": "", "device": "auto", "report": "false",
-                                            "out": ""}, USAGE)
-        if extra or flags:
-            raise UsageError(f"unexpected {' '.join([*extra, *flags])}.\nusage: {USAGE}")
-        if options["report"].lower() not in ("true", "false"):
-            raise UsageError(f"report={options['report']!r}: expected true or false.")
-        if options["out"] and options["report"].lower() != "true":
-            raise UsageError(f"out={options['out']} is where report=true writes its figures, and report is off: "
-                             "add report=true, or drop out=.")
+        args = parse_arguments(parser, sys.argv[1:] if argv is None else argv)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from fmnist_lab.data import CLASSES, DataError  # torch: only once the arguments are known to be good
-    from fmnist_lab.report import CONFUSION_PNG, MISCLASSIFIED_PNG, per_class_table
+    if args is None:  # answered before the imports below, which load torch
+        parser.print_help()
+        return 0
+    from fmnist_lab.data import DataError  # torch: only once the arguments are known to be good
 
-    run = Path(options["run"])
+    run = Path(args.run)
     out = None
-    if options["report"].lower() == "true":
-        out = Path(options["out"]) if options["out"] else run if run.is_dir() else run.parent
+    if args.report:
+        out = Path(args.out) if args.out else run if run.is_dir() else run.parent
     try:
-        root, recorded = options["data.root"] or None, {}
+        root, recorded = args.data_root or None, {}
         if run.is_dir():
             if root is None and RunDir(run).config.exists():  # test on the same files the run used
                 root = recorded_root(RunDir(run))
             recorded = recorded_metrics(RunDir(run))
-        result = evaluate(run, root, options["device"], out)
+        result = evaluate(run, root, args.device, out)
     # BadFileError and a refused network are ValueErrors; OSError: a missing file, or an `out` it cannot write
     except (OSError, ValueError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    print_result(result, run, comparison(recorded, result), out)
+    return 0
+
+
+def print_result(result: dict, run: Path, compared: str | None, out: Path | None) -> None:
+    """Accuracy and loss, the run's own record beside them, per-class accuracy and the report's files."""
+    from fmnist_lab.data import CLASSES
+    from fmnist_lab.report import CONFUSION_PNG, MISCLASSIFIED_PNG, per_class_table
+
     print(f"test/acc {result['test/acc']:.4f}  test/loss {result['test/loss']:.4f}  "
           f"({result['count']:,} test images, model {run})")
-    compared = comparison(recorded, result)
     if compared:
         print(compared)
     print(f"test/macro_f1 {result['test/macro_f1']:.4f}  test/ece {result['test/ece']:.4f}")
     print(per_class_table(result, CLASSES))
     if out:
         print(f"report: {out / CONFUSION_PNG}, {out / MISCLASSIFIED_PNG}")
-    return 0
 
 
 if __name__ == "__main__":

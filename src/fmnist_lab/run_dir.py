@@ -1,8 +1,9 @@
 """A run's directory: the names of the files a run writes, metrics.json and its failure marks, the point a
-stopped run resumes from, which run `resume=` names, and atomic writes (a kill never leaves half a file).
+stopped run resumes from, its one writer, and atomic writes (a kill never leaves half a file).
 
-Nothing else in fmnist_lab spells out a run's file names; conf/ only passes the checkpoint folder and the
-ONNX path to the callbacks that write them.
+Nothing else in fmnist_lab spells out a run's file names: conf/ passes the run folder to the callbacks that
+write into it, and they take their files' names from here (the report names its own figures, which
+`fmnist_lab.evaluate` also writes elsewhere).
 """
 
 from __future__ import annotations
@@ -11,14 +12,11 @@ import errno
 import fcntl
 import hashlib
 import io
-import itertools
 import json
 import os
 import stat
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,15 +39,6 @@ def is_rank_zero() -> bool:
 
 class ResumeError(RuntimeError):
     """A run cannot be continued: no checkpoint, or a damaged one."""
-
-
-class Interrupted(Exception):
-    """A signal (SIGTERM, Ctrl-C) stopped the run at some phase; metrics.json says so and `resume=` finishes
-    the run. `exit_code` is what a process killed by that signal returns (143, 130)."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
@@ -112,6 +101,7 @@ class RunDir:
         self.last, self.best = self.checkpoints / "last.ckpt", self.checkpoints / "best.ckpt"
         self.metrics = self.path / "metrics.json"
         self.weights, self.model_json = self.path / "model_weights.pth", self.path / "model.json"
+        self.onnx = self.path / "model.onnx"
         self.tensorboard = self.path / "tensorboard"
         self.hydra = self.path / ".hydra"  # Hydra's record: config.yaml, overrides.yaml, hydra.yaml (group choices)
         self.config, self.overrides = self.hydra / "config.yaml", self.hydra / "overrides.yaml"
@@ -199,14 +189,6 @@ class RunDir:
 
     def write_metrics(self, metrics: dict[str, Any]) -> None:
         write_json(self.metrics, metrics)
-
-    def mark_failed(self, err: BaseException) -> None:
-        """metrics.json says the run failed and why, keeping whatever the run measured before."""
-        self.update(status="failed", error=f"{type(err).__name__}: {err}")
-
-    def mark_interrupted(self, how: str, step: int, epochs: int, **context: Any) -> None:
-        """metrics.json says the run was stopped by a signal (so it is not finished), keeping what it measured."""
-        self.update(status="interrupted", error=f"{how} at step {step}", epochs=epochs, global_step=step, **context)
 
     def update(self, **fields: Any) -> None:
         """Add `fields` to metrics.json (a status and its error, how far an unfinished run got), keeping the rest."""
@@ -300,7 +282,7 @@ class RunDir:
         return self.last, step
 
 
-RUN_STAMP = "fmnist_lab_run"  # the checkpoint entry that says which run wrote it (callbacks.RunStamp)
+RUN_STAMP = "fmnist_lab_run"  # the checkpoint entry that says which run wrote it (checkpoint_callbacks.RunStamp)
 
 
 def config_identity(config: dict) -> str:
@@ -308,54 +290,3 @@ def config_identity(config: dict) -> str:
     `resume`: every checkpoint of the run carries it, and resume takes no checkpoint of another config."""
     recipe = {k: v for k, v in config.items() if k != "resume"}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def find_run(resume: str, log_dir: str) -> Path | None:
-    """The run directory that `resume` names (`latest`: the newest run under log_dir), or None."""
-    if resume == "latest":  # run folders are named <date>/<time>, so the name order is the start order
-        runs = sorted(p.parent.parent for p in Path(log_dir).glob("*/*/checkpoints/last.ckpt"))
-        return runs[-1].resolve() if runs else None
-    return Path(resume).resolve() if RunDir(resume).config.exists() else None
-
-
-def run_dir(resume: str | None, log_dir: str, fresh: str) -> str:
-    """Hydra's run directory (the `run_dir` resolver): the run that `resume` names, else a new
-    `<log_dir>/<date>/<time>` (also when `resume` names nothing: `validate` then stops with the error, which
-    a resolver could only print as a traceback)."""
-    found = find_run(resume, log_dir) if resume is not None else None
-    return str(found) if found else unique_dir(f"{log_dir}/{fresh}")
-
-
-CLAIMED: dict[str, str] = {}  # base name -> the directory this process created for it
-
-
-def unique_dir(base: str) -> str:
-    """`base`, else `base_1`, `base_2`, ...: the first that this process creates itself, so runs (or sweeps)
-    started in the same second from the same folder never share a directory (os.mkdir either creates or fails,
-    atomically). Asked again, the same process gets the same directory."""
-    if base not in CLAIMED:
-        try:
-            Path(base).parent.mkdir(parents=True, exist_ok=True)
-            for n in itertools.count():
-                candidate = base if n == 0 else f"{base}_{n}"
-                try:
-                    os.mkdir(candidate)
-                except FileExistsError:
-                    continue
-                CLAIMED[base] = candidate
-                break
-        except OSError as err:  # Hydra asks before any fmnist_lab code runs: say it here, and stop
-            print(f"error: cannot create the run folder {base}: {err.strerror}. Choose a writable place with "
-                  "paths.log_dir=... (or hydra.run.dir=...).", file=sys.stderr)
-            raise SystemExit(1) from err
-    return CLAIMED[base]
-
-
-def created_here(path: str | Path) -> bool:
-    """Whether this process created the run folder `path` (a new run's, by unique_dir)."""
-    return Path(path).resolve() in {Path(p).resolve() for p in CLAIMED.values()}
-
-
-def config_subdir(resume: str | None) -> str:
-    """Where Hydra saves the config: a resumed run keeps the original `.hydra/` and adds its own below it."""
-    return ".hydra" if resume is None else f".hydra/resumed-{datetime.now():%Y-%m-%d_%H-%M-%S}"

@@ -35,7 +35,7 @@ KEY = "logger.mlflow.tracking_uri"
 MLFLOW_TABLES = {"alembic_version", "experiments", "runs"}  # tables every MLflow store has
 
 
-def swept_knobs(config: dict[str, Any]) -> dict[str, Any]:
+def logged_settings(config: dict[str, Any]) -> dict[str, Any]:
     """The run's settings a user compares runs by, flat (`optimizer/momentum`): the short keys, the optimizer,
     schedule and network by class name with their settings, the data and precision settings. Paths, `_target_`
     names and settings that change no result (workers, eval batch size) stay out."""

@@ -94,14 +94,15 @@ class Classifier(pl.LightningModule):
         for logger in self.loggers:
             logger.log_metrics({"train/loss": value}, step=self.global_step)
 
-    def evaluate(self, batch, acc: MulticlassAccuracy, loss: MeanMetric) -> None:
+    def update_metrics(self, batch, acc: MulticlassAccuracy, loss: MeanMetric) -> None:
+        """Add a validation or test batch to the running `acc` and `loss`, computed and reset at the epoch end."""
         x, y = batch
         logits = self.net(x)
         loss.update(F.cross_entropy(logits, y), weight=len(y))
         acc.update(logits, y)
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self.evaluate(batch, self.val_acc, self.val_loss)
+        self.update_metrics(batch, self.val_acc, self.val_loss)
 
     def on_validation_epoch_end(self) -> None:
         acc = self.val_acc.compute()
@@ -113,7 +114,7 @@ class Classifier(pl.LightningModule):
             metric.reset()
 
     def test_step(self, batch, batch_idx: int) -> None:
-        self.evaluate(batch, self.test_acc, self.test_loss)
+        self.update_metrics(batch, self.test_acc, self.test_loss)
         self.test_images.update(len(batch[1]))
 
     def on_test_epoch_end(self) -> None:

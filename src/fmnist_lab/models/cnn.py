@@ -9,7 +9,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fmnist_lab.models.mlp import MAX_CLASSES, MAX_WIDTH, PIXEL_MEAN, PIXEL_STD, refuse_unless, whole
+from fmnist_lab.models.checks import MAX_CLASSES, MAX_WIDTH, refuse_unless, whole
+from fmnist_lab.models.pixels import PIXEL_MEAN, PIXEL_STD
 from fmnist_lab.models.registry import network
 
 # 28 -> 14 -> 7 -> 3 -> 1: a fifth pooling would leave nothing to pool.

@@ -4,39 +4,20 @@
 from __future__ import annotations
 
 import logging
-import reprlib
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from fmnist_lab.models.checks import MAX_CLASSES, MAX_WIDTH, one_of, refuse_unless, whole
+from fmnist_lab.models.pixels import PIXEL_MEAN, PIXEL_STD
 from fmnist_lab.models.registry import network
 
 log = logging.getLogger(__name__)
 
-# Mean and std of the FashionMNIST training pixels in [0, 1]; applied inside the model so every checkpoint
-# and export takes raw pixels and a client needs no knowledge of them.
-PIXEL_MEAN, PIXEL_STD = 0.2860, 0.3530
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "leaky_relu": nn.LeakyReLU}
 NORMS = {"none": None, "batch": nn.BatchNorm1d, "layer": nn.LayerNorm}
-# Far above anything that helps on 28x28 images, far below what exhausts a machine: a description asking for
-# more (a model.json from elsewhere) is refused before anything is allocated.
-MAX_WIDTH, MAX_LAYERS, MAX_CLASSES = 16_384, 32, 1_000
-
-
-def whole(value, low: int, high: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-
-
-def refuse_unless(*checks: tuple[bool, str, object, str]) -> None:
-    """ValueError naming the first argument whose check (ok, key, value, what is allowed) failed."""
-    for ok, key, value, allowed in checks:
-        if not ok:
-            raise ValueError(f"model.{key}={reprlib.repr(value)} is not a network fmnist_lab builds: use {allowed}.")
-
-
-def one_of(value, choices: dict) -> bool:
-    return isinstance(value, str) and value in choices  # a list or dict from a file is not even hashable
+MAX_LAYERS = 32  # hidden layers at most: a cap like those in models.checks, refused before allocating
 
 
 def check_arguments(hidden: Sequence[int], activation: str, dropout: float, in_features: int,

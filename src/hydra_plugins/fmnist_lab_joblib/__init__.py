@@ -31,6 +31,9 @@ except ImportError:  # the `sweep` extra is not installed: nothing to offer
 if PluginLauncher is not None:
 
     class JoblibLauncher(PluginLauncher):
+        # a signal stops the sweep as a whole in the sweep process, not in the job that got it (fmnist_lab.sweep)
+        stops_the_sweep_itself = True
+
         def setup(self, *, hydra_context: Any, task_function: Any, config: Any) -> None:
             super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
             self.signals = catch_signals(config)

@@ -5,8 +5,8 @@ in every worker watches that file and the sweep process, and sends its worker SI
 a job in its training loop stops at the end of a batch and marks itself interrupted (fmnist_lab.train); a job
 elsewhere gets SweepStopped raised and `execute_job` marks it. A job that has not started when the sweep stops
 is not started. The sweep process waits for every job to come back, writes a row for each job that did not
-write its own (summary.csv), and exits 143/130. Once the sweep process is gone, a worker without a job ends at
-once.
+write its own (summary.csv, see _stopped.py), and exits 143/130. Once the sweep process is gone, a worker without
+a job ends at once.
 
 Only joblib's public API: `Parallel` with `return_as="generator_unordered"` (jobs come back as they end, so an
 interrupted one stops the rest at once) and the loky backend's `initializer` (each worker watches the sweep from
@@ -20,7 +20,6 @@ import logging
 import os
 import re
 import signal
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -34,8 +33,10 @@ from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
 from omegaconf import DictConfig, OmegaConf
 
-from fmnist_lab import sweep as summary
+from fmnist_lab import outcome
 from fmnist_lab.run_dir import BadFileError, RunDir, atomic_write
+from fmnist_lab.sweep_rows import job_config, mark_unfinished
+from hydra_plugins.fmnist_lab_joblib._stopped import end_stopped_sweep
 
 log = logging.getLogger(__name__)
 
@@ -144,27 +145,27 @@ class Stoppable:
 
 
 def execute_job(idx: int, overrides: Sequence[str], hydra_context: Any, config: DictConfig, task_function: Any,
-                singleton_state: dict, sweep: Sweep) -> tuple[int, JobReturn | None, str | None]:
+                singleton_state: dict, sweep: Sweep) -> tuple[int, JobReturn | None, tuple[str, int] | None]:
     """One job, in a worker (in the sweep process itself when joblib runs a single job at a time). Returns
     (idx, Hydra's JobReturn, or None when the job did not end through Hydra, which wrote no row for it; why it
-    was interrupted, or None)."""
+    was interrupted and the exit code that says so, or None)."""
     if sweep.stopping():
-        return idx, None, "not started"
+        return idx, None, ("not started", outcome.exit_code(signal.SIGTERM))
     setup_globals()
     Singleton.set_state(singleton_state)
-    sweep_config = summary.job_config(hydra_context, config, overrides, idx)
+    sweep_config = job_config(hydra_context, config, overrides, idx)
     HydraConfig.instance().set_config(sweep_config)
     started = time.time()
     try:
         ret = run_job(hydra_context=hydra_context, config=sweep_config, task_function=Stoppable(task_function),
                       job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
     except (SweepStopped, KeyboardInterrupt) as stop:
-        why = f"{'Ctrl-C' if isinstance(stop, KeyboardInterrupt) else 'SIGTERM'} stopped the job outside its " \
-              "training loop"
+        signum = signal.SIGINT if isinstance(stop, KeyboardInterrupt) else signal.SIGTERM
+        why = f"{outcome.SIGNALS[signum]} stopped the job outside its training loop"
         output_dir = OmegaConf.select(sweep_config, "hydra.runtime.output_dir", default=None)
         if output_dir:  # run_job sets it before the task function starts
-            summary.mark_unfinished(RunDir(output_dir), why)
-        return idx, None, why
+            mark_unfinished(RunDir(output_dir), why, signum)
+        return idx, None, (why, outcome.exit_code(signum))
     finally:
         JOB.state = "idle"
     run = RunDir(ret.hydra_cfg.hydra.runtime.output_dir)
@@ -174,7 +175,7 @@ def execute_job(idx: int, overrides: Sequence[str], hydra_context: Any, config: 
         now = metrics.get("status") == "interrupted" and run.metrics.stat().st_mtime >= started - 1
     except (BadFileError, OSError):
         now = False
-    return idx, ret, metrics.get("error", "interrupted") if now else None
+    return idx, ret, (metrics.get("error", "interrupted"), outcome.signal_exit_code(metrics)) if now else None
 
 
 class SweepSignals:
@@ -203,7 +204,7 @@ class SweepSignals:
             # os.write: a print here could meet the main thread inside a print, which Python refuses
             os.write(2, f"\n{name}: stopping the sweep; running jobs stop at the end of a batch and are marked "
                         "interrupted (send it again to end them at once)\n".encode())
-            self.stop(f"{name} to the sweep process", 128 + signum)
+            self.stop(f"{name} to the sweep process", outcome.exit_code(signum))
             stop_job(signal.SIGTERM)  # a job that runs in this process (n_jobs=1; during it Ctrl-C is Python's)
         elif self.abortable:
             raise SweepAborted(f"a second {name} ended the workers at once")
@@ -264,8 +265,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
                 if ret is not None:
                     returns[idx] = ret
                 if interrupted and signals.reason is None:  # a signal to its worker: the sweep stops with it
-                    signals.stop(f"job {idx} was interrupted ({interrupted})",
-                                 130 if interrupted.startswith("Ctrl-C") else 128 + signal.SIGTERM)
+                    signals.stop(f"job {idx} was interrupted ({interrupted[0]})", interrupted[1])
     except BrokenProcessPool as err:  # joblib has ended every other worker
         codes = re.search(r"exit codes of the workers are \{([^}]*)\}", str(err))
         signals.reason = (f"a worker process died ({codes[1] if codes else type(err).__name__}: killed, or out of "
@@ -284,32 +284,3 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
         signals.finishing = True
         end_stopped_sweep(launcher, jobs, returns, signals.reason, signals.exit_code)
     return [returns[idx] for idx in jobs]
-
-
-def end_stopped_sweep(launcher: Any, jobs: dict[int, list[str]], returns: dict[int, JobReturn], reason: str,
-                      exit_code: int) -> None:
-    """Every job that did not end through Hydra gets its row in summary.csv (interrupted, unless it ended
-    anyway), then the summary, one paragraph and the exit."""
-    config = launcher.config
-    sweep_dir = Path(str(config.hydra.sweep.dir))
-    csv = sweep_dir / "summary.csv"
-    objective = summary.Objective.of_sweep(config)
-    unfinished = []
-    if csv.is_file():  # SweepSummary keeps the sweep's books
-        ended = {r["run_dir"] for r in summary.read_rows(csv) if r["status"] in ("ok", "failed")}
-        for idx, overrides in jobs.items():
-            if idx in returns:  # Hydra ran it to its end: SweepSummary wrote its row
-                continue
-            run_dir = summary.job_dir(launcher, overrides, idx)
-            if str(run_dir) not in ended:  # else a job of a continued sweep that had ended: its row is there
-                row = summary.unfinished_row(idx, overrides, run_dir, f"the sweep stopped ({reason})", objective)
-                summary.append_row(csv, row)
-        rows = {r["job"]: r for r in summary.latest(summary.read_rows(csv))}
-        unfinished = [str(idx) for idx in jobs if rows.get(str(idx), {}).get("status") == "interrupted"]
-        summary.write_summary(sweep_dir, objective)
-    interrupted = (f"{len(unfinished)} of its {len(jobs)} jobs are marked interrupted (jobs {', '.join(unfinished)})"
-                   if unfinished else f"none of its {len(jobs)} jobs was cut off")
-    books = f"; every job's result is in {csv} (table: {sweep_dir / 'summary.md'})" if csv.is_file() else ""
-    print(f"sweep stopped: {reason}. {interrupted}{books}. Run the same command again with "
-          f"hydra.sweep.dir={sweep_dir} to continue the sweep: jobs that ended keep their results.", file=sys.stderr)
-    raise SystemExit(exit_code)

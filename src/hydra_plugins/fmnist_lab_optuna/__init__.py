@@ -39,7 +39,7 @@ def recorded_value(params: dict[str, Any], sweep_dir: Path, metric: Any) -> floa
     """The objective (`optimized_metric`: one value, or a list) that a finished job with exactly these parameters
     recorded in the sweep folder."""
     from fmnist_lab.run_dir import BadFileError, RunDir
-    from fmnist_lab.sweep import objective_values
+    from fmnist_lab.sweep_objective import objective_values
 
     for overrides in sweep_dir.glob("*/.hydra/overrides.yaml"):
         given = dict(o.split("=", 1) for o in job_overrides(overrides) if "=" in o)
@@ -164,6 +164,9 @@ def objective(value: Any, count: int) -> float | list[float] | None:
 
 
 class OptunaSweeper(Sweeper):
+    # its jobs are named by number and time, and a used sweep folder is continued by its study (fmnist_lab.sweep)
+    continues_a_study = True
+
     def __init__(self, sampler: Any, direction: str, study_name: str, storage: str | None, n_trials: int,
                  n_jobs: int, max_failure_rate: float, params: dict[str, str] | None = None,
                  directions: list[str] | None = None) -> None:
@@ -180,7 +183,7 @@ class OptunaSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> None:
         import optuna
 
-        from fmnist_lab.sweep import Objective
+        from fmnist_lab.sweep_objective import Objective
 
         metric = self.config.get("optimized_metric", "val/acc_best")
         objective_of_study = Objective.of_search(metric, self.direction, self.directions)

@@ -23,6 +23,9 @@ except ImportError:  # the `sweep` extra is not installed: nothing to offer
 if PluginLauncher is not None:
 
     class SlurmLauncher(PluginLauncher):
+        # every job's summary row is written by the sweep process, once SLURM says the job has ended
+        writes_the_rows_itself = True
+
         def launch(self, job_overrides: Any, initial_job_idx: int) -> Any:
             from hydra_plugins.fmnist_lab_slurm._core import launch
 

@@ -23,8 +23,11 @@ from typing import Any
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 
-from fmnist_lab import sweep as summary
+from fmnist_lab import outcome
 from fmnist_lab.run_dir import RunDir
+from fmnist_lab.sweep import objective_of_sweep
+from fmnist_lab.sweep_report import write_summary
+from fmnist_lab.sweep_rows import job_dir, job_row, model_name, record, saved_model, unfinished_row
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +176,7 @@ def launch(launcher: Any, job_overrides: Any, initial_job_idx: int) -> list[JobR
             returns = wait_for_jobs(launcher, jobs, waiting)
     except SweepLeft as left:
         ids = " ".join(job.job_id for job in waiting.values())
-        summary.write_summary(sweep_dir, summary.Objective.of_sweep(config))
+        write_summary(sweep_dir, objective_of_sweep(config))
         print(f"\nsweep stopped ({left.name}): {len(waiting)} SLURM job(s) go on without it ({ids}); "
               f"`scancel {ids}` stops them. Every job that ended is in {sweep_dir / 'summary.csv'}.", file=sys.stderr)
         raise SystemExit(left.exit_code) from None
@@ -185,7 +188,7 @@ class SweepLeft(BaseException):
 
     def __init__(self, signum: int) -> None:
         self.name, self.exit_code = ("Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name,
-                                     128 + signum)
+                                     outcome.exit_code(signum))
 
 
 @contextmanager
@@ -238,24 +241,23 @@ def wait_for_jobs(launcher: Any, jobs: dict[int, list[str]], waiting: dict[int, 
 def finish(launcher: Any, idx: int, overrides: list[str], job: Any, state: str, has_result: bool) -> JobReturn:
     """The row of a job that SLURM says has ended, and its JobReturn for the sweeper (no value: a failed job)."""
     config = launcher.config
-    run_dir = summary.job_dir(launcher, overrides, idx)
+    run_dir = job_dir(launcher, overrides, idx)
     log_file = job.task(0).paths.stderr
     how = f"SLURM job {job.job_id} ended {state}"
     ret = JobReturn(overrides=overrides, status=JobStatus.COMPLETED)  # no return value: a failed job's
     if not has_result:
-        row = summary.unfinished_row(idx, overrides, run_dir, f"{how} without a result (log: {log_file})",
-                                     summary.Objective.of_sweep(config))
+        row = unfinished_row(idx, overrides, run_dir, f"{how} without a result (log: {log_file})",
+                             objective_of_sweep(config))
     else:
         try:
             ret = job.task(0).result()
-            row = summary.job_row(run_dir, idx, overrides, summary.model_name(ret.cfg), ret,
-                                   summary.Objective.of_sweep(config))
+            row = job_row(run_dir, idx, overrides, model_name(ret.cfg), ret, objective_of_sweep(config))
         except Exception as err:  # the job raised outside fmnist_lab's error policy: its last line says what
             row = {"job": idx, "status": "failed", "overrides": " ".join(overrides), "run_dir": str(run_dir),
-                   "model": summary.saved_model(RunDir(run_dir)), "error": f"{last_error(err)} (log: {log_file})"}
+                   "model": saved_model(RunDir(run_dir)), "error": f"{last_error(err)} (log: {log_file})"}
         if state not in ("COMPLETED", "no longer listed") and row["status"] != "ok":
             row["error"] = f"{row['error']} ({how})"
-    summary.record(Path(str(config.hydra.sweep.dir)) / "summary.csv", row)
+    record(Path(str(config.hydra.sweep.dir)) / "summary.csv", row)
     if row["status"] != "ok":
         log.error(f"job {idx} {row['status']}: {row['error']}")
     return ret

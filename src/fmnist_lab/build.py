@@ -1,0 +1,105 @@
+"""Everything a training job is built from, by its config: the data module, the model (with a warm start and
+frozen layers), the callbacks, the loggers and the Trainer; and the process-wide settings they run under."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from hydra.errors import InstantiationException
+from hydra.utils import get_class, instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks.progress import ProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from omegaconf import DictConfig, OmegaConf
+
+from fmnist_lab.artifacts import freeze, warm_start
+from fmnist_lab.config import ConfigError
+from fmnist_lab.gpu_step import CudaGraphs
+from fmnist_lab.models import Classifier, UnknownNetworkError
+from fmnist_lab.run_dir import save_torch
+
+log = logging.getLogger(__name__)
+
+
+def plain(node: Any) -> Any:
+    """A resolved plain container: what goes into checkpoints and logs (never a DictConfig)."""
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def quiet_libraries() -> None:
+    """Lightning's log lines go through Hydra's handlers (console + the run's log file) once, minus ads;
+    the ONNX exporter's pass-by-pass INFO lines are left out."""
+    logging.getLogger("lightning").handlers.clear()  # its own console handler doubles every line under Hydra
+    # A console that went away (`| head`) must not print a traceback per log line; console.show then points
+    # stdout at /dev/null, and the run's log file keeps every line.
+    logging.raiseExceptions = False
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "Tip:" not in r.getMessage())
+    for name in ("onnx_ir", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning-internal
+    # A resumed run's checkpoint folder is its own, expected to be there.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    # Under DDP every logged value is already the same on all ranks (torchmetrics combines them in compute(), the
+    # train loss is reduced before it is read), so no `sync_dist`: that would add collectives that only rank
+    # zero's console line triggers, and a collective called by one rank alone hangs or aborts the job.
+    warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints go to a temporary file that is renamed into place: a kill in the middle of a save never
+    leaves a truncated last.ckpt (Lightning's own save writes the final path directly)."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        save_torch(checkpoint, Path(path))
+
+
+def build(cfg: DictConfig, purge_from: int | None = None, *extra: pl.Callback
+          ) -> tuple[pl.LightningDataModule, Classifier, pl.Trainer]:
+    """Data module, model and trainer from the config, with the `extra` callbacks. `purge_from`: TensorBoard
+    drops the run folder's events from this step on (a resumed run: those logged after its checkpoint; a job
+    run again from scratch into its sweep folder: all of them), so the curves repeat no step."""
+    datamodule = instantiate(cfg.data)
+    try:
+        model = Classifier(net=plain(cfg.model), optimizer=plain(cfg.optimizer),
+                           scheduler=plain(cfg.scheduler) or None, num_classes=cfg.model.get("num_classes", 10),
+                           fused_optimizer=cfg.gpu.fused_optimizer)
+    except UnknownNetworkError as err:  # the network's own checks: arguments, sizes
+        raise ConfigError(f"Invalid config: {err}") from err
+    try:  # both need the network built, so they are checked here, still before any data is read
+        if cfg.finetune.init_from:
+            loaded = warm_start(model.net, cfg.finetune.init_from, cfg.finetune.strict)
+            log.info(f"finetune.init_from={cfg.finetune.init_from}: loaded {len(loaded)} tensors "
+                     f"({', '.join(loaded)})")
+        if cfg.finetune.freeze:
+            log.info(f"finetune.freeze: froze {', '.join(freeze(model.net, cfg.finetune.freeze))}")
+    except FileNotFoundError as err:
+        raise ConfigError(f"Invalid config: finetune.init_from={cfg.finetune.init_from!r}. {err}") from err
+    except ValueError as err:  # warm_start and freeze name the key themselves
+        raise ConfigError(f"Invalid config: {err}") from err
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
+    callbacks += [CudaGraphs()] if cfg.gpu.cuda_graphs else []
+    callbacks += extra
+    purge = {"purge_step": purge_from} if purge_from is not None else {}  # SummaryWriter's: drops steps >= it
+    try:
+        loggers = [instantiate(c, **(purge if issubclass(get_class(c._target_), TensorBoardLogger) else {}))
+                   for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
+    except InstantiationException as err:  # Hydra wraps what a logger raises, e.g. MLflowLogger's unusable store
+        if isinstance(err.__cause__, ConfigError):
+            raise err.__cause__ from None
+        raise
+    plugins = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():  # submitit owns requeueing (see conf/hydra/launcher/slurm.yaml), not Lightning
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins,
+                          enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
+                          # only the configured checkpoints: with none, Lightning would add its own epoch=N.ckpt
+                          enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+                          enable_model_summary=False)
+    return datamodule, model, trainer
