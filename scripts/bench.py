@@ -222,10 +222,11 @@ def interleaved(args) -> None:
     import torch.nn.functional as F
     from hydra import compose, initialize_config_dir
 
-    from fmnist_lab.build import build, quiet_libraries
+    from fmnist_lab.build import build
     from fmnist_lab.callbacks import EpochTimer
     from fmnist_lab.cli import config_dir
     from fmnist_lab.data import DeviceLoader
+    from fmnist_lab.logs import quiet_libraries
     from fmnist_lab.models import MLP
 
     _, splits = load(args)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import errno
 import json
+import math
 import re
 import subprocess
 import sys
@@ -16,8 +17,10 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from conftest import only_run_dir, run_cli
+from conftest import compose_cfg, only_run_dir, run_cli
+from fmnist_lab.build import plain
 from fmnist_lab.data import CLASSES
+from fmnist_lab.lr_find_plot import lr_find_figure, run_title
 
 
 @pytest.mark.slow
@@ -88,11 +91,67 @@ def test_lr_find_suggests_a_rate_and_saves_its_plot(real_root, tmp_path):
     rate = f"{found['suggestion']:.3g}"
     assert f"suggested lr: {rate} " in result.stdout
     assert f"train with it: python -m fmnist_lab lr={rate} device=cpu optimizer=adam" in result.stdout
+    assert "Finding best initial lr" not in result.stderr  # Lightning's tqdm bar stays off a pipe
     with Image.open(run / "lr_find.png") as png:
         assert png.format == "PNG" and png.size[0] > 300
+        assert png.text["Title"] == "lr_find: MLP hidden=[512, 512], Adam"  # drawn by lr_find_figure
     assert not list(run.glob("checkpoints/*")) and not list(run.glob(".lr_find*"))  # nothing trained is kept
     listing = run_cli(tmp_path, module="fmnist_lab.runs").stdout
     assert f"lr_find: {run.relative_to(tmp_path)}: suggested lr {rate}" in listing
+
+    # Lightning's own numbers, kept in lr_find.json, start at half the untrained network's loss; the plotted
+    # curve starts flat at it (ln 10 for 10 classes), which is how the debiasing finds this Lightning's smoothing
+    assert found["loss"][0] < 0.6 * found["loss"][10]
+    (curve, *_) = lr_find_figure(found, found["suggestion"], "MLP, Adam").axes[0].lines
+    assert abs(curve.get_ydata()[0] - math.log(10)) < 0.1 and max(curve.get_ydata()[:10]) < 1.02 * math.log(10)
+
+
+# What Lightning's finder recorded (results["loss"], 4 digits) for the MLP with SGD (momentum 0.9) on the real
+# data, 100 rates from 1e-6 to 1: its smoothing halves the first value and reaches the true level only slowly.
+RECORDED_LOSSES = [
+    1.1654, 1.5491, 1.7456, 1.8560, 1.9355, 1.9926, 2.0361, 2.0660, 2.0924, 2.1147, 2.1321, 2.1462, 2.1582, 2.1698,
+    2.1792, 2.1872, 2.1947, 2.2012, 2.2080, 2.2135, 2.2184, 2.2232, 2.2284, 2.2318, 2.2350, 2.2375, 2.2410, 2.2440,
+    2.2464, 2.2485, 2.2499, 2.2515, 2.2530, 2.2552, 2.2564, 2.2575, 2.2587, 2.2599, 2.2609, 2.2615, 2.2622, 2.2630,
+    2.2646, 2.2653, 2.2662, 2.2663, 2.2667, 2.2666, 2.2663, 2.2658, 2.2652, 2.2646, 2.2633, 2.2621, 2.2605, 2.2586,
+    2.2564, 2.2536, 2.2510, 2.2470, 2.2418, 2.2371, 2.2305, 2.2243, 2.2171, 2.2085, 2.1973, 2.1845, 2.1687, 2.1505,
+    2.1318, 2.1096, 2.0849, 2.0586, 2.0297, 2.0042, 1.9778, 1.9541, 1.9218, 1.9019, 1.8949, 1.9151, 1.9337, 1.9281,
+    1.9221, 1.9054, 1.8949, 1.8777, 1.8597, 1.8443, 1.8270, 1.8205, 1.8176, 1.7999, 1.7852, 1.7779, 1.7695, 1.7629,
+    1.8644, 2.9185]
+
+
+def test_the_lr_find_plot_starts_at_the_untrained_loss_and_names_the_run():
+    """Drawn from a recorded result: no climb from 1.17 to 2.27 over rates too small to change the network, but
+    a flat start at its loss (ln 10), the fall after 1e-3, the suggestion marked, and a title that says what ran."""
+    lrs = [1e-6 * 10 ** (6 * i / 99) for i in range(100)]
+    results = {"lr": lrs, "loss": RECORDED_LOSSES}
+    suggestion = lrs[68]
+    run = "MLP hidden=[512, 512], SGD (momentum=0.9)"
+    ax = lr_find_figure(results, suggestion, run).axes[0]
+    curve, rate, dot = ax.lines
+    x, y = curve.get_xdata(), curve.get_ydata()
+    assert list(x) == lrs and ax.get_xscale() == "log" and len(y) == 100
+    assert y[0] > 0.98 * max(y[1:40])  # the first point is not below the following ones
+    assert all(abs(loss - math.log(10)) < 0.01 for loss in y[:40]) and min(y) < 1.8
+    low, high = ax.get_ylim()  # the last rate's jump (to 2.93) leaves the top; the rest fills the height
+    assert low < min(y) and max(y[:-1]) < high < y[-1] and high - y[0] >= y[0] - min(y)
+    assert list(rate.get_xdata()) == [suggestion] * 2 and (dot.get_xdata()[0], dot.get_ydata()[0]) == (x[68], y[68])
+    assert ax.get_title() == f"lr_find: {run}\nsuggested lr 0.0132 (steepest fall)"
+
+    (curve,) = lr_find_figure(results, None, run).axes[0].lines
+    assert curve.axes.get_title().endswith("\nno suggestion: the loss did not fall")
+
+
+@pytest.mark.parametrize(("overrides", "title"), [
+    ([], "MLP hidden=[512, 512], SGD (momentum=0.9)"),
+    (["model=cnn", "optimizer.weight_decay=5e-4"],
+     "CNN channels=[32, 64, 128], SGD (momentum=0.9, weight_decay=0.0005)"),
+    (["optimizer=adamw", "model.hidden=[256]"], "MLP hidden=[256], AdamW (weight_decay=0.01)"),
+    (["optimizer=adam", "model.hidden=[]"], "MLP hidden=[], Adam"),
+])
+def test_the_lr_find_title_names_network_and_optimizer_as_configured(overrides, title):
+    cfg = compose_cfg("tune=lr_find", *overrides)
+    network = cfg.model._target_.rsplit(".", 1)[-1]
+    assert run_title(network, plain(cfg.model), plain(cfg.optimizer)) == title
 
 
 @pytest.mark.slow

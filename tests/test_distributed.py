@@ -64,7 +64,7 @@ def test_ddp_sweep_under_torchrun_trains_like_one_process(real_run, tmp_path):
     assert abs(metrics["test/acc"] - single["test/acc"]) < 0.005, (metrics["test/acc"], single["test/acc"])
     assert metrics["onnx"]["ok"] and (job / "fmnist_lab_rank1.log").is_file()
     assert sorted(p.name for p in (job / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
-    writers = {p.name.split(".")[4] for p in (job / "tensorboard").glob("events.out.tfevents.*")}
+    writers = {p.name.split(".")[4] for p in (job / "tensorboard").rglob("events.out.tfevents.*")}
     assert len(writers) == 1  # every event file comes from one process, rank zero
     assert json.loads((sweep_dir / "1" / "metrics.json").read_text())["global_step"] == 40
 

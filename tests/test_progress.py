@@ -116,3 +116,25 @@ def test_a_run_resumed_mid_epoch_prints_the_rest_of_its_epochs(tmp_path, capsys)
                **options).fit(BoringModel(), ckpt_path=tmp_path / "mid.ckpt")
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")]
     assert [line.split(" (")[0] for line in lines] == ["epoch 2/3:", "epoch 3/3:"]
+
+
+@pytest.mark.slow
+def test_a_run_prints_only_its_own_lines_and_its_log_file_keeps_the_libraries(synthetic_root, tmp_path):
+    """No line a user cannot act on: Lightning's INFO lines, library warnings (SLURM's `srun` hint, a torch
+    FutureWarning) go to the run's log file alone; hydra.verbose=true brings them back to the console."""
+    args = [sys.executable, "-m", "fmnist_lab", f"data.root={synthetic_root}", "debug=limit", "epochs=1", "device=cpu"]
+    (tmp_path / "quiet").mkdir()
+    quiet = subprocess.run(args, cwd=tmp_path / "quiet", capture_output=True, text=True, timeout=600)
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    lines = (quiet.stdout + quiet.stderr).splitlines()
+    assert 3 <= len(lines) <= 20, lines
+    noise = [line for line in lines if re.search(r"Warning|site-packages|\[INFO\]|lightning|GPU available", line)]
+    assert not noise, noise
+    assert any(line.startswith("test/acc ") for line in lines) and not any("\033[" in line for line in lines)
+    (log_file,) = (tmp_path / "quiet" / "outputs").glob("*/*/fmnist_lab.log")
+    assert "GPU available" in log_file.read_text()  # Lightning's lines are kept, in the file
+
+    (tmp_path / "verbose").mkdir()
+    verbose = subprocess.run([*args, "hydra.verbose=true"], cwd=tmp_path / "verbose", capture_output=True, text=True,
+                             timeout=600)
+    assert verbose.returncode == 0 and "GPU available" in verbose.stdout + verbose.stderr

@@ -16,6 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import compose_cfg
 from fmnist_lab.data import CLASSES
+from fmnist_lab.evaluate import comparison
 from fmnist_lab.evaluate import main as evaluate_main
 from fmnist_lab.report import (
     confusion_figure,
@@ -231,3 +232,13 @@ def test_evaluate_refuses_a_bad_report_value(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == "error: report='maybe': expected true or false.\n"
     assert not list(tmp_path.iterdir())
+
+
+def test_evaluate_prints_a_difference_that_rounds_to_zero_without_a_sign():
+    def difference(recorded: float, measured: float) -> str:
+        text = comparison({"test/acc": recorded}, {"test/acc": measured, "count": 10_000})
+        return text.split("difference ")[1]
+
+    assert difference(0.9, 0.9 - 1e-9) == difference(0.9, 0.9 + 1e-9) == difference(0.9, 0.9) == "0.00 points)"
+    assert difference(0.9, 0.9 - 0.00004) == "0.00 points)"  # -0.004 points
+    assert difference(0.9, 0.9013) == "+0.13 points)" and difference(0.9013, 0.9) == "-0.13 points)"

@@ -219,7 +219,7 @@ def test_sigterm_while_testing_or_exporting_is_an_interruption_that_resume_finis
                                 "debug=limit", "epochs=1", "logger=none"], cwd=tmp_path, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     for line in process.stdout:
-        if "Restoring states from the checkpoint path" in line:  # the test begins; the export follows it
+        if line.startswith("epoch 1/1:"):  # training has ended: the test and the export follow
             process.send_signal(signal.SIGTERM)
             break
     stdout, stderr = process.communicate(timeout=300)

@@ -17,6 +17,7 @@ import pytest
 from conftest import run_cli
 from fmnist_lab.runs import main as runs_main
 from test_resume import QUICK, start_and_signal
+from test_runs_hostile import CONFIG, FINISHED, in_process, write_run
 
 SMALL = ["trainer.limit_train_batches=30", "trainer.limit_val_batches=2", "epochs=2"]
 
@@ -183,3 +184,41 @@ def test_an_unfinished_run_shows_its_last_logged_epoch_and_how_to_continue(tmp_p
     assert "nowhere is not a folder" in capsys.readouterr().err
     assert runs_main(["--filter", "model"]) == 1
     assert "--filter 'model': write KEY=VALUE" in capsys.readouterr().err
+
+
+def test_last_keeps_the_best_runs_of_the_sorted_table(tmp_path, capsys, monkeypatch):
+    """--last after --sort: the best run is the oldest, so the newest two sorted would leave it out."""
+    for day, acc in ((1, 0.95), (2, 0.90), (3, 0.80), (4, 0.85)):
+        write_run(tmp_path / "outputs" / f"day{day}", {**FINISHED, "test/acc": acc,
+                                                       "started": f"2026-01-0{day}T10:00:00"})
+    monkeypatch.chdir(tmp_path)
+
+    def dirs(*args: str) -> list[str]:
+        return [r["dir"] for r in json.loads(in_process(capsys, "--json", *args))]
+
+    assert dirs("--sort", "test/acc", "--last", "2") == ["outputs/day1", "outputs/day2"]
+    assert dirs("--sort", "test/acc", "--reverse", "--last", "2") == ["outputs/day3", "outputs/day4"]
+    assert dirs("--last", "2") == ["outputs/day4", "outputs/day3"]  # no --sort: the newest
+    assert dirs("--filter", "test/acc!=0.95", "--sort", "test/acc", "--last", "1") == ["outputs/day2"]
+    (group,) = json.loads(in_process(capsys, "--group", "--json", "--sort", "test/acc", "--last", "2"))
+    assert group["dirs"] == ["outputs/day1", "outputs/day2"]  # --group groups those runs
+    assert runs_main(["--last", "0"]) == 1
+    assert capsys.readouterr().err == ("error: --last 0: give how many runs to show, a whole number from 1, e.g. "
+                                       "--last 20\n")
+
+
+def test_diff_shows_each_setting_resolved_or_as_written_and_never_a_blank_cell(tmp_path, capsys, monkeypatch):
+    extra = ("paths:\n  output_dir: ${hydra:runtime.output_dir}\nrun_dir: ${paths.output_dir}\n"
+             "note: null\nversion: ''\nlimit: '0.1'\n")
+    write_run(tmp_path / "a", FINISHED, CONFIG + "optimizer:\n  lr: ${..lr}\n" + extra)
+    write_run(tmp_path / "b", FINISHED, CONFIG.replace("lr: 0.1", "lr: 0.2") + "optimizer:\n  lr: ${lr}\n"
+              + "limit: 0.1\n")
+    monkeypatch.chdir(tmp_path)
+    d = json.loads(in_process(capsys, "diff", "a", "b", "--json"))
+    assert d["config"] == {"limit": ["0.1", 0.1], "lr": [0.1, 0.2], "note": [None, None], "optimizer.lr": [0.1, 0.2],
+                           "run_dir": ["${paths.output_dir}", None], "version": ["", None]}
+    rows = in_process(capsys, "diff", "a", "b").split("\n\n")[1].splitlines()
+    assert [line.split() for line in rows] == [
+        ["config", "key", "A", "B"], ["limit", '"0.1"', "0.1"], ["lr", "0.1", "0.2"], ["note", "null", "(not", "set)"],
+        ["optimizer.lr", "0.1", "0.2"], ["run_dir", "${paths.output_dir}", "(not", "set)"],
+        ["version", '""', "(not", "set)"]]

@@ -300,6 +300,27 @@ def test_no_value_in_the_yaml_files_stops_any_mode(yaml_tree, capsys, monkeypatc
             json.loads(in_process(capsys, "diff", "good", run, "--json"))
 
 
+def test_references_that_loop_or_chain_too_far_show_as_written_and_stop_nothing(tmp_path, capsys, monkeypatch):
+    """Config references runs follows itself (no resolver runs): a loop, a chain past MAX_DEPTH, a reference past
+    the top, a resolver, or text around a reference show as written; a chain within the bound resolves."""
+    chain = "".join(f"c{i}: ${{c{i + 1}}}\n" for i in range(20)) + "c20: 7\n"  # 20 references to follow
+    endless = "".join(f"e{i}: ${{e{i + 1}}}\n" for i in range(5000)) + "e5000: 7\n"
+    loops = "l1: ${l2}\nl2: ${l3}\nl3: ${l1}\nself: ${self}\nup: ${..lr}\n"
+    other = "when: ${now:%H}\nnested: ${c${c20}}\nsub:\n  tmp: ${oc.env:HOME}/x\n  copy: ${.tmp}\n"
+    write_run(tmp_path / "a", FINISHED, CONFIG + chain + endless + loops + other)
+    write_run(tmp_path / "b", FINISHED)
+    monkeypatch.chdir(tmp_path)
+    config = json.loads(in_process(capsys, "diff", "a", "b", "--json"))["config"]
+    assert config["c0"] == config["c19"] == [7, None]
+    assert config["e0"] == ["${e1}", None] and config["e4990"] == [7, None]
+    assert [config[k][0] for k in ("l1", "l2", "l3", "self", "up")] == ["${l2}", "${l3}", "${l1}", "${self}", "${..lr}"]
+    assert [config[k][0] for k in ("when", "nested", "sub.tmp", "sub.copy")] == [
+        "${now:%H}", "${c${c20}}", "${oc.env:HOME}/x", "${.tmp}"]
+    assert re.search(r"^l1 +\$\{l2\} +\(not set\)$", in_process(capsys, "diff", "a", "b"), re.M)
+    assert table_dirs(in_process(capsys, ".", "--filter", "l1=${l2}")) == {"a"}
+    assert table_dirs(in_process(capsys, ".", "--sort", "c0")) == {"a", "b"}
+
+
 # --- closed pipes, missing dates, debug runs, runs being written ----------------------------------------------------
 
 @pytest.mark.parametrize("mode", [[], ["--json"]])

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import re
+import shlex
 import shutil
 import sqlite3
 import subprocess
@@ -14,15 +15,20 @@ import time
 import urllib.request
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
+from mlflow.tracking import MlflowClient
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.hparams import plugin_data_pb2
+from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 
 from conftest import run_cli, web_server
 from fmnist_lab.sweep_objective import Objective
 from fmnist_lab.sweep_report import markdown, plot, ranked
+from fmnist_lab.swept import run_name, swept_keys, swept_values
+from fmnist_lab.tensorboard_hparams import run_folder
 
 ACCURACY = Objective(("val/acc_best",), ("max",))
 QUICK = ["debug=limit", "device=cpu", "~callbacks.onnx_export", "~callbacks.report"]  # neither is what sweeps test
@@ -35,9 +41,15 @@ def sweep(cwd: Path, *args: str, check: bool = True):
     return result, sweep_dir, rows
 
 
+def tensorboard_run(run_dir: Path) -> Path:
+    """The folder of a run's TensorBoard events: tensorboard/ itself, or a sweep job's tensorboard/<swept values>."""
+    (folder,) = {path.parent for path in (run_dir / "tensorboard").rglob("*tfevents*")}
+    return folder
+
+
 def hparams_session(run_dir: Path) -> tuple[set[str], set[str]]:
     """Hyperparameter names and metric tags of a run's TensorBoard HPARAMS entry."""
-    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events = EventAccumulator(str(tensorboard_run(run_dir)))
     events.Reload()
     content = events.PluginTagToContent("hparams")
     data = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
@@ -73,9 +85,14 @@ def test_grid_sweep_keeps_every_job_and_fails_loudly_on_a_divergent_one(syntheti
 
 @pytest.mark.slow
 def test_joblib_runs_jobs_in_parallel_with_split_threads(synthetic_root, tmp_path):
-    _, _, rows = sweep(tmp_path, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "lr=0.01,0.1",
-                       f"data.root={synthetic_root}", *QUICK)
+    result, _, rows = sweep(tmp_path, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "lr=0.01,0.1",
+                            f"data.root={synthetic_root}", *QUICK)
     assert [r["status"] for r in rows] == ["ok", "ok"]
+    # the two jobs' console lines interleave: each says which job it is
+    epoch_lines = [line for line in result.stdout.splitlines() if re.search(r"epoch \d+/\d+:", line)]
+    assert epoch_lines and all(re.match(r"job [01]: epoch ", line) for line in epoch_lines), epoch_lines
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    assert f"{threads} CPU thread{'s' * (threads != 1)} for this one" in result.stdout
     metrics = [json.loads((Path(r["run_dir"]) / "metrics.json").read_text()) for r in rows]
     assert all(m["cpu_threads"] == max(1, (os.cpu_count() or 1) // 2) for m in metrics)
     (a_start, a_end), (b_start, b_end) = [(datetime.fromisoformat(m["started"]),
@@ -140,9 +157,11 @@ def test_a_multi_objective_search_shows_its_pareto_front_in_summary_study_and_da
     import optuna
 
     sweep_dir = tmp_path / "search"
-    run_cli(tmp_path, "-m", "hparams_search=optuna", f"hydra.sweep.dir={sweep_dir}", f"data.root={synthetic_root}",
-            "optimized_metric=[test/loss,train_seconds]", "hydra.sweeper.directions=[minimize,minimize]",
-            "hydra.sweeper.n_trials=4", "lr=tag(log, interval(0.001, 0.3))", *QUICK)
+    result = run_cli(tmp_path, "-m", "hparams_search=optuna", f"hydra.sweep.dir={sweep_dir}",
+                     f"data.root={synthetic_root}", "optimized_metric=[test/loss,train_seconds]",
+                     "hydra.sweeper.directions=[minimize,minimize]", "hydra.sweeper.n_trials=4",
+                     "lr=tag(log, interval(0.001, 0.3))", *QUICK)
+    assert "A new study created" not in result.stdout + result.stderr  # Optuna's own lines stay off the console
     study = optuna.load_study(study_name="fmnist_lab", storage=f"sqlite:///{sweep_dir}/optuna.db")
     assert study.directions == [optuna.study.StudyDirection.MINIMIZE] * 2 and len(study.trials) == 4
     for trial in study.trials:
@@ -294,7 +313,7 @@ def test_killing_a_parallel_sweep_leaves_no_workers_behind(synthetic_root, tmp_p
     process = subprocess.Popen([sys.executable, "-m", "fmnist_lab", *args], cwd=tmp_path, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     for line in process.stdout:
-        if line.startswith("epoch 2/"):  # a worker is training
+        if re.match(r"job \d+: epoch 2/", line):  # a worker is training (parallel jobs label their lines)
             break
     workers = children(process.pid)
     process.kill()
@@ -350,6 +369,75 @@ def test_summary_plot_draws_failed_jobs_apart_from_the_scores(tmp_path):
 
     without_failures = plot([r for r in rows if r["status"] == "ok"], ACCURACY, tmp_path / "ok.png")
     assert [ax.get_ylabel() for ax in without_failures.axes] == ["val/acc_best"] * 2  # no empty strip
+
+
+def cut_markers(fig) -> list[tuple[str, float, float]]:
+    """The drawn points whose marker (its size at the figure's dpi, and its edge: at a star's 36-degree tips the
+    mitred edge reaches 1/sin(18 degrees) half-widths beyond the point) crosses an edge of their axes: (the
+    axes' y label, x, y) each."""
+    cut = []
+    for ax in fig.axes:
+        box = ax.bbox
+        for collection in ax.collections:
+            edge = max(collection.get_linewidths(), default=0) / 2 / np.sin(np.radians(18))
+            offsets = collection.get_offsets()
+            for (x, y), size in zip(offsets, np.broadcast_to(collection.get_sizes(), len(offsets)), strict=True):
+                radius = (np.sqrt(size) / 2 + edge) * fig.dpi / 72
+                px, py = ax.transData.transform((x, y))
+                if not (box.x0 + radius < px < box.x1 - radius and box.y0 + radius < py < box.y1 - radius):
+                    cut.append((ax.get_ylabel(), float(x), float(y)))
+    return cut
+
+
+def test_summary_plot_is_titled_by_sweep_and_objective_and_cuts_no_marker(tmp_path):
+    """The best job's star at the highest score sits wholly inside its axes, as does every other marker; the
+    figure says which sweep it shows and what it optimizes."""
+    for name in ("grid", "lr-sweep", "search"):
+        (tmp_path / name).mkdir()
+    # `-m lr=0.05,0.1`: the two jobs at opposite corners, the star in the top right one
+    two_jobs = ranked([summary_row(0, "ok", "0.756", "lr=0.05"), summary_row(1, "ok", "0.783", "lr=0.1")], ACCURACY)
+    fig = plot(two_jobs, ACCURACY, tmp_path / "grid" / "summary.png")
+    assert fig.get_suptitle() == "grid: val/acc_best (max) over 2 jobs" and cut_markers(fig) == []
+    low, high = fig.axes[0].get_ylim()
+    assert low + 0.1 * (high - low) < 0.756 and 0.783 < high - 0.1 * (high - low)
+
+    rows = ranked([summary_row(0, "ok", "0.81", "optimizer.lr=0.001 model=mlp"),
+                   summary_row(1, "failed", "", "optimizer.lr=3.0 model=cnn", "FloatingPointError: nan"),
+                   summary_row(2, "ok", "0.85", "optimizer.lr=0.01 model=cnn"),
+                   summary_row(3, "ok", "0.83", "optimizer.lr=0.1 model=mlp")], ACCURACY)
+    fig = plot(rows, ACCURACY, tmp_path / "lr-sweep" / "summary.png")
+    assert fig.get_suptitle() == "lr-sweep: val/acc_best (max) over 4 jobs (1 without a score)"
+    assert cut_markers(fig) == []
+
+    two = Objective(("test/loss", "train_seconds"), ("min", "min"))
+    front = [{**summary_row(i, "ok", "", f"lr={lr}"), "objectives": f"{loss} {seconds}"}
+             for i, (lr, loss, seconds) in enumerate([(0.01, 0.3, 20.0), (0.1, 0.4, 10.0)])]
+    fig = plot(front, two, tmp_path / "search" / "summary.png")
+    assert fig.get_suptitle() == "search: test/loss (min), train_seconds (min) over 2 jobs" and not cut_markers(fig)
+
+
+def shown_tick_labels(axis, minor: bool = False) -> list[str]:
+    """The tick labels an axis shows: those of its ticks inside its view, not empty."""
+    low, high = sorted(axis.get_view_interval())
+    return [label.get_text() for label, at in zip(axis.get_ticklabels(minor=minor), axis.get_ticklocs(minor=minor),
+                                                  strict=True) if low <= at <= high and label.get_text()]
+
+
+def test_a_search_with_many_values_has_a_few_short_tick_labels(tmp_path):
+    """20 different float values of each swept parameter, as Optuna proposes them: a rate over decades on a log
+    axis and a dropout on a linear one each get a few round labels, not one per value."""
+    rng = np.random.default_rng(0)
+    lrs, dropouts = rng.permutation(np.geomspace(1e-3, 3e-2, 20)), rng.permutation(np.linspace(0.05, 0.5, 20))
+    rows = [summary_row(i, "ok", f"{0.8 + 0.06 * rng.random():.4f}", f"optimizer.lr={lr!r} model.dropout={dropout!r}")
+            for i, (lr, dropout) in enumerate(zip(lrs.tolist(), dropouts.tolist(), strict=True))]
+    fig = plot(ranked(rows, ACCURACY), ACCURACY, tmp_path / "summary.png")
+    assert {ax.get_xlabel(): ax.get_xscale() for ax in fig.axes} == {"model.dropout": "linear", "optimizer.lr": "log"}
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            texts = shown_tick_labels(axis)
+            assert 2 <= len(texts) <= 8 and all(len(t) <= 8 for t in texts), (ax.get_xlabel(), texts)
+        assert not shown_tick_labels(ax.xaxis, minor=True)
+    assert not cut_markers(fig)
 
 
 def refused(cwd: Path, sweep_dir: Path | str, *args: str) -> str:
@@ -525,3 +613,107 @@ def test_the_random_and_grid_samplers_cover_the_space_as_they_should():
     space, _ = search_space({"lr": "interval(0.001, 0.1)"}, [])
     with pytest.raises(SystemExit, match=r"sampler=grid .* lr is an interval.*choice\(...\) or range\(...\)"):
         make_sampler(sampler_of("grid"), space)
+
+
+def test_the_swept_keys_are_the_sweeps_overrides_with_several_values_and_its_search_space():
+    keys = swept_keys(["lr=0.01,0.1", "batch_size=range(32,129,32)", "model=mlp,cnn", "epochs=3", "+x=1",
+                       "~callbacks.report"], {"optimizer.momentum": "interval(0.5, 0.99)", "lr": "interval(0.001, 1)"})
+    assert keys == ["lr", "batch_size", "model", "optimizer.momentum"]
+    values = swept_values(["lr=0.0031622776601683794", "epochs=3", "optimizer.momentum=0.9", "model=cnn",
+                           "batch_size=64", "~callbacks.report"], keys)
+    assert values == [("lr", "0.0031622776601683794"), ("optimizer.momentum", "0.9"), ("model", "cnn"),
+                      ("batch_size", "64")]
+    assert run_name(values) == "lr=0.003162,optimizer.momentum=0.9,model=cnn,batch_size=64"
+    assert swept_keys(["lr=0.1", "epochs=3"], None) == [] and run_name([]) == ""  # one value each: no sweep
+
+
+def test_a_job_keeps_writing_its_curves_where_they_are(tmp_path):
+    """The TensorBoard folder a run's events go to: a new sweep job's is named by its swept values, a single run's
+    is tensorboard/ itself, and a run that has curves keeps their folder, also when it is resumed on its own
+    (resume=<job folder>: a single run then, without swept values)."""
+    root = tmp_path / "job" / "tensorboard"
+    assert run_folder(root, "lr=0.1") == "lr=0.1" and run_folder(root, "") == ""
+    (root / "lr=0.1").mkdir(parents=True)
+    (root / "lr=0.1" / "events.out.tfevents.1795984961.host.1.0").touch()
+    assert run_folder(root, "") == "lr=0.1" and run_folder(root, "lr=0.1") == "lr=0.1"
+    earlier = tmp_path / "earlier" / "tensorboard"  # events directly in tensorboard/: the run goes on there
+    earlier.mkdir(parents=True)
+    (earlier / "events.out.tfevents.1795984961.host.1.0").touch()
+    assert run_folder(earlier, "lr=0.1") == ""
+
+
+FRESH_SHELL = ("env", "-i", f"PATH={os.defpath}", f"HOME={Path.home()}")  # a shell where the venv is not active
+
+
+def served(url: str, body: dict | None = None) -> Any:
+    """A TensorBoard server's JSON answer at `url` (POSTed `body` for the hparams plugin's queries)."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    return json.loads(urllib.request.urlopen(request, timeout=60).read())
+
+
+def printed(result: subprocess.CompletedProcess, label: str) -> list[str]:
+    """What the jobs printed after `label:` (the lines that name each logger's command or file)."""
+    return re.findall(rf"^{label}: +(.+)$", result.stdout, re.MULTILINE)
+
+
+@pytest.mark.slow
+def test_each_sweep_job_is_named_by_its_swept_values_in_tensorboard_and_mlflow(synthetic_root, tmp_path):
+    """A 2x2 grid whose jobs with lr=10000 diverge: each job's TensorBoard run is named by its swept values (and a
+    resumed job keeps writing there), HPARAMS opens on the swept keys and the objective, every MLflow run, a failed
+    one too, carries the swept values in its name and as params, and the commands the jobs print work as printed
+    from a shell without the venv."""
+    result, sweep_dir, rows = sweep(tmp_path, "lr=0.05,10000", "batch_size=64,128", "logger=[tensorboard,csv,mlflow]",
+                                    f"data.root={synthetic_root}", "epochs=1", *QUICK, check=False)
+    names = ["lr=0.05,batch_size=64", "lr=0.05,batch_size=128", "lr=10000,batch_size=64", "lr=10000,batch_size=128"]
+    assert [r["status"] for r in rows] == ["ok", "ok", "failed", "failed"]
+    jobs = [Path(r["run_dir"]) for r in rows]
+    assert [tensorboard_run(job) for job in jobs] == [job / "tensorboard" / name
+                                                      for job, name in zip(jobs, names, strict=True)]
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    tracked = {r.data.tags["run_dir"]: r for r in client.search_runs([client.get_experiment_by_name("fmnist_lab")
+                                                                      .experiment_id])}
+    for job, name, row in zip(jobs, names, rows, strict=True):
+        run = tracked[str(job.resolve())]
+        assert run.info.run_name == f"{name} ({job.resolve().relative_to((tmp_path / 'outputs').resolve())})"
+        assert {k: run.data.params[k] for k in ("lr", "batch_size")} == dict(v.split("=") for v in name.split(","))
+        assert run.info.status == ("FINISHED" if row["status"] == "ok" else "FAILED")
+    best = json.loads((jobs[0] / "metrics.json").read_text())["val/acc_best"]
+    assert tracked[str(jobs[0].resolve())].data.metrics["val/acc_best"] == pytest.approx(best)
+
+    bin_dir = Path(sys.executable).parent
+    tensorboard = bin_dir / "tensorboard"
+    assert printed(result, "curves") == [f"{tensorboard} --logdir {job / 'tensorboard'}" for job in jobs[:2]]
+    assert printed(result, "metrics") == [str(job / "csv" / "metrics.csv") for job in jobs[:2]]
+    assert "hp/val_acc_best" in (jobs[0] / "csv" / "metrics.csv").read_text().splitlines()[0]
+    assert set(printed(result, "mlflow")) == {f"{bin_dir / 'mlflow'} ui --backend-store-uri "
+                                               f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}"}
+    command = shlex.split(printed(result, "curves")[0])
+    with web_server(tmp_path, *FRESH_SHELL, *command, "--host", "127.0.0.1", "--port", "{port}") as url:
+        runs = served(f"{url}/data/runs")
+        experiment = served(f"{url}/data/plugin/hparams/experiment", {"experimentName": ""})
+        groups = served(f"{url}/data/plugin/hparams/session_groups", {
+            "experimentName": "", "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE"],
+            "colParams": [], "startIndex": 0, "sliceSize": 10})["sessionGroups"]
+    assert runs == [names[0]]
+    # the columns the page ticks: the first five hparams and metrics, so the swept keys, then the objective
+    assert [(h["name"], h["differs"]) for h in experiment["hparamInfos"]] == [("batch_size", True), ("lr", True)]
+    assert experiment["metricInfos"][0]["name"]["tag"] == "hp/val_acc_best"
+    (group,) = groups
+    assert group["name"] == names[0] and group["sessions"][0]["status"] == "STATUS_SUCCESS"
+    assert {m["name"]["tag"]: m["value"] for m in group["metricValues"]}["hp/val_acc_best"] == pytest.approx(best)
+    for job in jobs[2:]:  # a diverged job has its HPARAMS row too, marked failed
+        events = EventAccumulator(str(tensorboard_run(job)))
+        events.Reload()
+        end = plugin_data_pb2.HParamsPluginData.FromString(
+            events.PluginTagToContent("hparams")["_hparams_/session_end_info"])
+        assert end.session_end_info.status == api_pb2.STATUS_FAILURE, job
+
+    # resume=<job folder> runs it outside its sweep: it still writes into its own run's folder
+    (jobs[0] / "metrics.json").unlink()
+    before = len(list(tensorboard_run(jobs[0]).iterdir()))
+    resumed = run_cli(tmp_path, f"resume={jobs[0]}")
+    assert tensorboard_run(jobs[0]) == jobs[0] / "tensorboard" / names[0]
+    assert len(list(tensorboard_run(jobs[0]).iterdir())) > before and "MLflow" not in resumed.stderr
+    assert len(client.search_runs([run.info.experiment_id])) == 4

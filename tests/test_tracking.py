@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import sqlite3
 import subprocess
@@ -12,16 +13,26 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
+import lightning.pytorch as pl
 import pytest
+from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning.pytorch.loggers import TensorBoardLogger
 from mlflow.tracking import MlflowClient
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 
 from conftest import compose_cfg, only_run_dir, run_cli, web_server
 from fmnist_lab.build import plain
 from fmnist_lab.config import ConfigError, validate
-from fmnist_lab.tracking import check_store, logged_settings
+from fmnist_lab.results import log_failed, viewers
+from fmnist_lab.run_dir import RunDir
+from fmnist_lab.tensorboard_hparams import final_numbers, record
+from fmnist_lab.tracking import MLflowLogger, check_store, logged_settings
 
 QUICK = ["debug=limit", "device=cpu", "~callbacks.onnx_export"]
+FRESH_SHELL = ("env", "-i", f"PATH={os.defpath}", f"HOME={Path.home()}")  # a shell where the venv is not active
 
 
 def mlflow_runs(log_dir: Path) -> list:
@@ -41,8 +52,12 @@ def test_a_parallel_sweep_logs_every_job_into_one_new_mlflow_store(synthetic_roo
     for run in runs:
         job = Path(run.data.tags["run_dir"])
         metrics = json.loads((job / "metrics.json").read_text())
-        assert run.info.status == "FINISHED" and run.info.run_name == str(job.relative_to(tmp_path / "outputs"))
-        assert run.data.tags["overrides"].startswith(f"lr={run.data.params['lr']} ")
+        # named by its swept value, then its folder; the objective (optimized_metric) a metric to sort by
+        lr = run.data.params["lr"]
+        assert run.info.status == "FINISHED"
+        assert run.info.run_name == f"lr={lr} ({job.relative_to(tmp_path / 'outputs')})"
+        assert run.data.tags["overrides"].startswith(f"lr={lr} ")
+        assert run.data.metrics["val/acc_best"] == pytest.approx(metrics["val/acc_best"])
         assert run.data.params["optimizer"] == "SGD" and run.data.params["model/hidden"] == "[512, 512]"
         assert run.data.metrics["test/acc"] == pytest.approx(metrics["test/acc"])
         assert run.data.metrics["test/macro_f1"] == pytest.approx(metrics["test/macro_f1"])
@@ -54,10 +69,11 @@ def test_a_parallel_sweep_logs_every_job_into_one_new_mlflow_store(synthetic_roo
         assert (job / "tensorboard").is_dir()  # both loggers at once
     assert len(list((tmp_path / "outputs" / "mlartifacts").iterdir())) == 2  # artifacts beside the store
 
-    # the README's `mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db` serves both runs
-    mlflow = str(Path(sys.executable).with_name("mlflow"))
-    with web_server(tmp_path, mlflow, "ui", "--backend-store-uri", "sqlite:///outputs/mlflow.db", "--port", "{port}") \
-            as url:
+    # the command each job printed serves both runs, from a shell without the venv on its PATH
+    printed = set(re.findall(r"mlflow: +(.+)$", result.stdout, re.MULTILINE))  # parallel jobs' lines: "job 0: ..."
+    assert printed == {f"{Path(sys.executable).with_name('mlflow')} ui --backend-store-uri "
+                       f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}"}
+    with web_server(tmp_path, *FRESH_SHELL, *shlex.split(printed.pop()), "--port", "{port}") as url:
         request = urllib.request.Request(f"{url}/api/2.0/mlflow/runs/search", method="POST",
                                          data=json.dumps({"experiment_ids": [runs[0].info.experiment_id]}).encode(),
                                          headers={"Content-Type": "application/json"})
@@ -216,3 +232,95 @@ def test_a_store_that_fails_during_the_run_costs_one_warning_not_the_run(real_ro
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["epochs"] == 1 and "test/acc" in metrics and metrics.get("status", "ok") == "ok"
     assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "model_weights.pth").is_file()
+
+
+def hparams_entry(folder: Path) -> tuple[Any, Any, Any, dict[str, list]]:
+    """The experiment, session start and session end a TensorBoard run's folder holds, and its scalars."""
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")
+    experiment, start, end = (plugin_data_pb2.HParamsPluginData.FromString(content[f"_hparams_/{tag}"])
+                              for tag in ("experiment", "session_start_info", "session_end_info"))
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    return experiment.experiment, start.session_start_info, end.session_end_info, scalars
+
+
+def test_the_hparams_row_of_a_sweep_job_opens_on_its_swept_keys_and_the_objective(tmp_path):
+    """TensorBoard's page ticks the first five hparams and metrics of the experiment: a sweep job's lists its swept
+    keys (marked `differs`, which the server sorts first), a swept key the settings lack included, and the
+    objective first; its session holds every setting. A single run's experiment lists every setting."""
+    settings = logged_settings(plain(compose_cfg("lr=1e-3", output_dir=tmp_path)))
+    numbers = final_numbers({"test/loss": 0.41, "test/acc": 0.87, "val/acc_best": 0.88}, "test/loss")
+    logger = TensorBoardLogger(tmp_path, name="tensorboard", version="job", default_hp_metric=False)
+    record(logger, settings, numbers, [("lr", "1e-3"), ("trainer.limit_train_batches", "40")], "success", 7)
+
+    experiment, start, end, scalars = hparams_entry(tmp_path / "tensorboard" / "job")
+    assert [(info.name, info.differs) for info in experiment.hparam_infos] == [
+        ("lr", True), ("trainer/limit_train_batches", True)]
+    assert [m.name.tag for m in experiment.metric_infos] == ["hp/test_loss", "hp/val_acc_best", "hp/test_acc"]
+    assert start.hparams["lr"].number_value == 0.001  # the setting's value, not the override's spelling
+    assert start.hparams["trainer/limit_train_batches"].number_value == 40
+    assert start.hparams["optimizer/momentum"].number_value == 0.9 and len(start.hparams) == len(settings) + 1
+    assert end.status == api_pb2.STATUS_SUCCESS
+    assert scalars["hp/test_loss"] == [(7, pytest.approx(0.41))]
+    assert scalars["hp/test_acc"] == [(7, pytest.approx(0.87))]
+
+    single = TensorBoardLogger(tmp_path, name="tensorboard", version="single", default_hp_metric=False)
+    record(single, settings, numbers, [], "success", 7)
+    experiment = hparams_entry(tmp_path / "tensorboard" / "single")[0]
+    assert [info.name for info in experiment.hparam_infos] == list(settings)
+    assert not any(info.differs for info in experiment.hparam_infos)
+
+
+class FailsInItsSecondEpoch(BoringModel):
+    """Logs val/acc_best in its first epoch, then fails as a diverged run does."""
+
+    def training_step(self, batch, batch_idx):
+        if self.current_epoch == 1:
+            raise FloatingPointError("training loss became nan")
+        return super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/acc_best", 0.625)
+
+
+def test_a_job_that_failed_in_training_has_its_hparams_row_with_the_numbers_it_had(tmp_path):
+    """What a failed job's hook (`log_failed`) records: its settings, the objective it had reached, the numbers it
+    never got as empty cells, and status FAILURE."""
+    logger = TensorBoardLogger(tmp_path, name="tensorboard", version="", default_hp_metric=False)
+    trainer = pl.Trainer(max_epochs=3, limit_train_batches=2, limit_val_batches=1, logger=logger,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(FloatingPointError):
+        trainer.fit(FailsInItsSecondEpoch())
+    log_failed(trainer, plain(compose_cfg("lr=10000", output_dir=tmp_path)), {"status": "failed", "epochs": 1})
+
+    experiment, start, end, scalars = hparams_entry(tmp_path / "tensorboard")
+    assert end.status == api_pb2.STATUS_FAILURE and start.hparams["lr"].number_value == 10000
+    assert [m.name.tag for m in experiment.metric_infos] == ["hp/val_acc_best", "hp/test_acc", "hp/test_loss"]
+    assert scalars["hp/val_acc_best"] == [(2, 0.625)] and "hp/test_acc" not in scalars
+
+
+def test_the_result_names_a_command_or_file_for_each_logger_that_wrote_the_run(tmp_path):
+    """Runnable from a shell where the venv is not active: the tools' scripts beside this Python, by path."""
+    run = RunDir(tmp_path / "run")
+    (run.path / "csv").mkdir(parents=True)
+    (run.path / "csv" / "metrics.csv").write_text("epoch\n")
+    run.mlflow.write_text(json.dumps({"tracking_uri": "sqlite:////somewhere/mlflow.db", "run_id": "abc"}))
+    bin_dir = Path(sys.executable).parent
+    assert viewers(run, tensorboard=True) == [
+        f"curves:    {bin_dir / 'tensorboard'} --logdir {run.tensorboard}",
+        f"metrics:   {run.path / 'csv' / 'metrics.csv'}",
+        f"mlflow:    {bin_dir / 'mlflow'} ui --backend-store-uri sqlite:////somewhere/mlflow.db"]
+    assert viewers(RunDir(tmp_path / "no loggers"), tensorboard=False) == []
+
+
+def test_a_param_the_run_has_already_keeps_its_value(tmp_path):
+    """A sweep job's swept params come first, as the command line wrote them (lr=1e-3); the settings logged at its
+    end (lr 0.001) leave them as they are, where MLflow would refuse the other value and the run lose MLflow."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    logger = MLflowLogger(run_dir=str(tmp_path / "run"), log_dir=str(tmp_path), tracking_uri=uri)
+    client = MlflowClient(uri)
+    client.log_param(logger.run_id, "lr", "1e-3")
+    logger.log_hyperparams({"lr": 0.001, "optimizer": "SGD"})
+    assert not logger.failed
+    assert client.get_run(logger.run_id).data.params == {"lr": "1e-3", "optimizer": "SGD"}

@@ -4,7 +4,6 @@ frozen layers), the callbacks, the loggers and the Trainer; and the process-wide
 from __future__ import annotations
 
 import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from fmnist_lab.config import ConfigError
 from fmnist_lab.gpu_step import CudaGraphs
 from fmnist_lab.models import Classifier, UnknownNetworkError
 from fmnist_lab.run_dir import save_torch
+from fmnist_lab.tensorboard_hparams import logger_folder
 
 log = logging.getLogger(__name__)
 
@@ -30,25 +30,6 @@ log = logging.getLogger(__name__)
 def plain(node: Any) -> Any:
     """A resolved plain container: what goes into checkpoints and logs (never a DictConfig)."""
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
-
-
-def quiet_libraries() -> None:
-    """Lightning's log lines go through Hydra's handlers (console + the run's log file) once, minus ads;
-    the ONNX exporter's pass-by-pass INFO lines are left out."""
-    logging.getLogger("lightning").handlers.clear()  # its own console handler doubles every line under Hydra
-    # A console that went away (`| head`) must not print a traceback per log line; console.show then points
-    # stdout at /dev/null, and the run's log file keeps every line.
-    logging.raiseExceptions = False
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "Tip:" not in r.getMessage())
-    for name in ("onnx_ir", "onnxscript"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning-internal
-    # A resumed run's checkpoint folder is its own, expected to be there.
-    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-    # Under DDP every logged value is already the same on all ranks (torchmetrics combines them in compute(), the
-    # train loss is reduced before it is read), so no `sync_dist`: that would add collectives that only rank
-    # zero's console line triggers, and a collective called by one rank alone hangs or aborts the job.
-    warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -87,8 +68,9 @@ def build(cfg: DictConfig, purge_from: int | None = None, *extra: pl.Callback
     callbacks += [CudaGraphs()] if cfg.gpu.cuda_graphs else []
     callbacks += extra
     purge = {"purge_step": purge_from} if purge_from is not None else {}  # SummaryWriter's: drops steps >= it
-    try:
-        loggers = [instantiate(c, **(purge if issubclass(get_class(c._target_), TensorBoardLogger) else {}))
+    try:  # TensorBoard: a sweep job's run folder is named by its swept values (tensorboard/lr=0.1,batch_size=64)
+        loggers = [instantiate(c, **({**purge, **logger_folder(c)} if issubclass(get_class(c._target_),
+                                                                                  TensorBoardLogger) else {}))
                    for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
     except InstantiationException as err:  # Hydra wraps what a logger raises, e.g. MLflowLogger's unusable store
         if isinstance(err.__cause__, ConfigError):

@@ -19,6 +19,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from fmnist_lab.config import config_dir, register, untrusted_targets, validate
+from fmnist_lab.logs import route_warnings
 from fmnist_lab.outcome import FAILED, JobFailed, ending, exit_code
 from fmnist_lab.run_dir import RunBusyError, RunDir, RunDirError, is_rank_zero
 from fmnist_lab.sweep_machine import is_multirun, share_machine, use_slurm_cpus
@@ -32,6 +33,7 @@ register()  # the typed schema conf/train.yaml builds on
 def main(cfg: DictConfig) -> float | list[float] | None:
     """One job. Returns the objective for sweepers: `optimized_metric` (a list of values when it lists several
     metrics), or None for a failed job."""
+    route_warnings()  # a library's warnings into the run's log file, ours on the console too
     launcher = HydraConfig.get().launcher.get("_target_", "") if is_multirun() else None
     use_slurm_cpus()
     if launcher is not None:

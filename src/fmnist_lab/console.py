@@ -14,12 +14,15 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ProgressBar
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from fmnist_lab import logs
+
 
 def show(line: str, bold: str = "") -> None:
     """A line for the person watching, on stdout (`bold` before it). When stdout's reader has gone (`| head`),
     stdout is pointed at /dev/null and the job goes on: losing the console must not lose the run."""
     if bold:  # bold on a terminal only: a log or pipe gets no escape codes
         line = f"\033[1m{bold}\033[0m  {line}" if sys.stdout.isatty() else f"{bold}  {line}"
+    line = logs.LABEL + line
     try:
         print(line, flush=True)
     except BrokenPipeError:

@@ -133,7 +133,14 @@ def comparison(recorded: dict, result: dict) -> str | None:
         return (f"the run{task} recorded test/acc {recorded['test/acc']:.4f} over {int(tested):,} test images, not "
                 f"{result['count']:,}: the two are not compared")
     return (f"the run recorded test/acc {recorded['test/acc']:.4f} "
-            f"(difference {100 * (result['test/acc'] - recorded['test/acc']):+.2f} points)")
+            f"(difference {points(result['test/acc'] - recorded['test/acc'])} points)")
+
+
+def points(difference: float) -> str:
+    """An accuracy difference in percentage points, signed (+0.13, -0.13), one that rounds to zero as 0.00: a
+    difference of -0.00 would read as a loss that is not there."""
+    text = f"{100 * difference:+.2f}"
+    return "0.00" if float(text) == 0 else text
 
 
 def command_line() -> KeyValueParser:

@@ -145,10 +145,35 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
             for k, v in flatten(value, f"{prefix}.{key}" if prefix else key).items()}
 
 
+# a whole value that names another key: ${lr}, ${model.hidden}, or from the mapping holding it ${.lr} (a sibling)
+# and ${..lr} (a key of the mapping above); resolvers (${hydra:...}, ${now:...}) and text around it do not match
+REFERENCE = re.compile(r"\$\{(\.*)([\w-]+(?:\.[\w-]+)*)\}")
+
+
+def referenced(key: str, value: Any) -> str | None:
+    """The dotted key (as `flatten` writes it) that `value`, found at `key`, refers to as a whole; else None."""
+    match = REFERENCE.fullmatch(value) if isinstance(value, str) else None
+    if not match:
+        return None
+    dots, name = match.groups()
+    if not dots:
+        return name
+    parents = key.split(".")
+    return ".".join([*parents[:-len(dots)], name]) if len(dots) <= len(parents) else None  # past the top: none
+
+
 def resolve(flat: dict[str, Any]) -> dict[str, Any]:
-    """Whole-value references to other keys (`optimizer.lr: ${lr}`) replaced by their value; anything else
-    (Hydra's own `${hydra:...}`, string interpolation) stays as written."""
-    def value(v: Any, depth: int = 0) -> Any:
-        match = re.fullmatch(r"\$\{([\w.]+)\}", v) if isinstance(v, str) else None
-        return value(flat[match[1]], depth + 1) if match and match[1] in flat and depth < 10 else v
-    return {k: value(v) for k, v in flat.items()}
+    """Each value that refers to another key (`optimizer.lr: ${lr}`), followed through any chain of references,
+    replaced by the value at the chain's end; left as written when the chain ends in what runs does not resolve
+    itself (a resolver such as ${hydra:...}, text with a reference inside, a missing key), loops, or is longer
+    than MAX_DEPTH. Nothing is ever run: the file is untrusted, and runs imports no OmegaConf."""
+    def value(key: str) -> Any:
+        seen, at = {key}, key
+        while (target := referenced(at, flat[at])) is not None:
+            if target in seen or target not in flat or len(seen) > MAX_DEPTH:
+                return flat[key]
+            seen.add(target)
+            at = target
+        found = flat[at]
+        return flat[key] if isinstance(found, str) and "${" in found else found
+    return {k: value(k) for k in flat}

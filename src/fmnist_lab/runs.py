@@ -40,7 +40,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sort", metavar="KEY", help="sort by a metric or config key, best first (highest; lowest for "
                                                  "losses, ece and seconds)")
     p.add_argument("--reverse", action="store_true", help="reverse the --sort order")
-    p.add_argument("--last", type=int, metavar="N", help="only the N newest runs (after --filter)")
+    p.add_argument("--last", type=int, metavar="N",
+                   help="only the first N runs of the table, after --filter and --sort: the N newest, or with "
+                        "--sort the N best by that key (--group groups those N runs)")
     p.add_argument("--group", action="store_true",
                    help="group finished runs whose configs differ only in seed: count, mean and std")
     out = p.add_mutually_exclusive_group()
@@ -71,10 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         for condition in args.filter:
             if not re.fullmatch(r"[^=!]+!?=.*", condition):
                 raise RunsError(f"--filter {condition!r}: write KEY=VALUE or KEY!=VALUE, e.g. --filter model=cnn")
+        if args.last is not None and args.last < 1:
+            raise RunsError(f"--last {args.last}: give how many runs to show, a whole number from 1, e.g. --last 20")
         runs = [r for r in find_runs(args.folders or [Path("outputs")]) if all(matches(r, c) for c in args.filter)]
-        runs = runs[:args.last] if args.last is not None else runs
         if args.sort:
             runs = sort_runs(runs, args.sort, args.reverse)
+        runs = runs[:args.last]  # after the sort, so that with --sort these are the N best by its key
         rows = groups(runs) if args.group else [r.row() for r in runs]
         if args.json:
             print(json_text(rows, indent=2))

@@ -51,24 +51,46 @@ def use_slurm_cpus() -> None:
         import torch
 
         torch.set_num_threads(cpus)
-        log.info(f"SLURM gave this task {cpus} CPU(s): training uses {cpus} CPU thread(s)")
+        plural = "s" * (cpus != 1)
+        log.info(f"SLURM gave this task {cpus} CPU{plural}: training uses {cpus} CPU thread{plural}")
+
+
+def parallel_jobs(launcher: DictConfig) -> int | None:
+    """How many jobs the sweep's launcher runs at once on this machine (None: one at a time, or elsewhere), by
+    the launcher's class: joblib's `n_jobs` (-1: one per core), submitit_local's batch up to its
+    `array_parallelism`."""
+    from hydra.utils import get_class
+
+    try:
+        from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher
+        from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher
+    except ImportError:  # without the `sweep` extra only Hydra's basic launcher runs, one job at a time
+        return None
+    cls, cores = get_class(str(launcher.get("_target_"))), os.cpu_count() or 1
+    if issubclass(cls, JoblibLauncher):
+        n_jobs = launcher.get("n_jobs") or 1
+        return cores if n_jobs < 0 else min(n_jobs, cores)
+    if issubclass(cls, LocalLauncher):
+        batch = int(os.environ.get(PARALLEL_JOBS, 1))
+        return min(batch, launcher.get("array_parallelism") or batch, cores)
+    return None
 
 
 def share_machine(cfg: DictConfig) -> None:
-    """Parallel local jobs (joblib, submitit_local) split the CPU threads; with several GPUs, job k takes GPU
-    k mod n."""
+    """Parallel local jobs (joblib, submitit_local) split the CPU threads, and label their console lines with
+    their job number; with several GPUs, job k takes GPU k mod n."""
     import torch
 
+    from fmnist_lab.logs import label_lines
+
     hydra_cfg = HydraConfig.get()
-    target = str(hydra_cfg.launcher.get("_target_", ""))
-    batch = int(os.environ.get(PARALLEL_JOBS, 1))
-    n_jobs = hydra_cfg.launcher.get("n_jobs") if "joblib" in target else \
-        min(batch, hydra_cfg.launcher.get("array_parallelism") or batch) if "LocalLauncher" in target else None
-    if n_jobs:
+    parallel = parallel_jobs(hydra_cfg.launcher)
+    if parallel and parallel > 1:
+        label_lines(f"job {hydra_cfg.job.num}")
         cores = os.cpu_count() or 1
-        parallel = cores if n_jobs < 0 else min(n_jobs, cores)
         torch.set_num_threads(max(1, cores // parallel))
-        log.info(f"{parallel} parallel jobs on {cores} cores: {torch.get_num_threads()} CPU threads for this one")
+        threads = torch.get_num_threads()
+        log.info(f"{parallel} parallel jobs on {cores} cores: {threads} CPU thread{'s' * (threads != 1)} for this one")
     gpus = torch.cuda.device_count()
     if gpus > 1 and cfg.device != "cpu" and cfg.trainer.get("devices") == 1:
         cfg.trainer.devices = [hydra_cfg.job.num % gpus]

@@ -4,12 +4,15 @@ the table on the console."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fmnist_lab.run_dir import atomic_write
 from fmnist_lab.sweep_objective import Objective
 from fmnist_lab.sweep_rows import latest, read_rows
+
+ROUND_STEPS = [1, 2, 2.5, 5, 10]  # tick spacings a reader counts in (matplotlib's default adds 1.5, 3, 4, 6, 8)
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -104,6 +107,7 @@ def plot(rows: list[dict[str, str]], objective: Objective, path: Path) -> Figure
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     done = [r for r in rows if objective.row_values(r) is not None]
     front = {id(r) for r in objective.pareto_front(rows)}
@@ -119,9 +123,16 @@ def plot(rows: list[dict[str, str]], objective: Objective, path: Path) -> Figure
             failed_strip(bottom, [x[id(r)] for r in rows if objective.row_values(r) is None])
         bottom.set_xlabel(name)
         ax.set_ylabel(objective.metrics[0])
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=5, steps=ROUND_STEPS))
+        # the best job's star is 16 pt across, and its mitred tips reach further: at the highest score or an end
+        # of the x range, matplotlib's 5% margin puts the axes' edge through it. These keep every marker whole
+        # (the failed strip's crosses too: it shares x).
+        ax.margins(x=0.08, y=0.15)
         ax.grid(alpha=0.3)
     if done:  # with no finished job there is nothing to name
         axes[0][0].legend(fontsize=8)
+    failed = f" ({len(rows) - len(done)} without a score)" if strip else ""
+    fig.suptitle(f"{path.parent.name}: {objective.title()} over {len(rows)} jobs{failed}", fontsize=10)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
@@ -140,12 +151,30 @@ def x_positions(ax: Axes, bottom: Axes, values: list[str]) -> list[float]:
         if len(ticks) <= 8:  # a grid's few values: a tick at each, named as swept (rounded)
             bottom.set_xticks(list(ticks), [short(v) for v in ticks.values()], rotation=30, ha="right", fontsize=8)
             bottom.set_xticks([], minor=True)
+        else:  # a search's many values: a tick at a few round numbers between them
+            round_ticks(bottom, min(positions), max(positions))
     except ValueError:  # categorical: one column of points per value
         categories = sorted(set(values))
         positions = [categories.index(v) for v in values]
         bottom.set_xticks(range(len(categories)), [short(v) or "-" for v in categories], rotation=30, ha="right",
                           fontsize=8)
     return positions
+
+
+def round_ticks(bottom: Axes, low: float, high: float) -> None:
+    """At most about 6 ticks on x at round numbers, each labelled in a few characters (0.002, 1e-05): a tick
+    at each of an Optuna search's values would print them on top of each other."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    if bottom.get_xscale() == "log":  # 1-2-5 on a narrow span, else decades: 2 to 6 ticks
+        decades = math.log10(high / low)
+        subs = (1.0, 2.0, 5.0) if decades < 1.5 else (1.0, 3.0) if decades < 2.5 else (1.0,)
+        bottom.xaxis.set_major_locator(LogLocator(subs=subs, numticks=6))
+        bottom.xaxis.set_minor_formatter(NullFormatter())  # matplotlib labels minor ticks on a narrow log span
+    else:
+        bottom.xaxis.set_major_locator(MaxNLocator(nbins=5, steps=ROUND_STEPS))
+    bottom.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.3g}"))
+    bottom.tick_params(axis="x", labelsize=8)
 
 
 def scatter_scores(ax: Axes, points: list[tuple[float, dict[str, str]]], front: set[int],

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 from lightning.pytorch.loggers import MLFlowLogger
 
+from fmnist_lab import swept
 from fmnist_lab.config import ConfigError
 from fmnist_lab.run_dir import BadFileError, RunDir, is_rank_zero, read_json, write_json
 
@@ -59,6 +60,15 @@ def logged_settings(config: dict[str, Any]) -> dict[str, Any]:
                                                                "gradient_clip_val")},
                   "finetune/init_from": (config.get("finetune") or {}).get("init_from")})
     return {k: "none" if v is None else v for k, v in knobs.items()}
+
+
+def recorded_store(run: RunDir) -> str | None:
+    """The MLflow store that a run logged into (its mlflow.json), None for a run without MLflow."""
+    try:
+        record = read_json(run.mlflow) if run.mlflow.is_file() else {}
+    except (OSError, BadFileError):
+        return None
+    return record.get("tracking_uri") if isinstance(record, dict) else None
 
 
 @contextmanager
@@ -165,7 +175,8 @@ def busy(tracking_uri: str, err: sqlite3.Error) -> None:
 class MLflowLogger(MLFlowLogger):
     """Lightning's MLFlowLogger, whose MLflow run is created up front, under a lock, and remembered in the run
     directory (`mlflow.json`): a resumed run goes on logging into the same MLflow run. `log_files` adds the
-    run's own files as artifacts. `run_name` is the run directory as seen from paths.log_dir.
+    run's own files as artifacts. Its name is the run directory as seen from paths.log_dir, after a sweep job's
+    swept values (`fmnist_lab.swept`), which are its params from the start.
 
     A store that cannot take the run raises a ConfigError here, before any training. One that fails later
     costs one warning and MLflow's records for the rest of the run, never the run itself."""
@@ -201,7 +212,13 @@ class MLflowLogger(MLFlowLogger):
                         "as usual.")
 
     def log_hyperparams(self, params: Any) -> None:
-        self.guarded(super().log_hyperparams, params)
+        self.guarded(self.new_params, params)
+
+    def new_params(self, params: Any) -> None:
+        """`params` but those the run has already: MLflow refuses a param logged again with another value, and the
+        swept ones came at its start, as the command line wrote them (lr=1e-3, where the settings say 0.001)."""
+        logged = self.experiment.get_run(self.run_id).data.params
+        super().log_hyperparams({k: v for k, v in dict(params).items() if k not in logged})
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         self.guarded(super().log_metrics, metrics, step)
@@ -211,6 +228,7 @@ class MLflowLogger(MLFlowLogger):
 
     def mlflow_run(self, run_dir: Path, log_dir: Path, tracking_uri: str, experiment_name: str,
                    artifact_location: str | None, tags: dict[str, Any]) -> str:
+        from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
         try:
@@ -225,13 +243,16 @@ class MLflowLogger(MLFlowLogger):
             experiment = client.get_experiment_by_name(experiment_name)
             experiment_id = experiment.experiment_id if experiment else \
                 client.create_experiment(experiment_name, artifact_location=artifact_location)
-            name = str(run_dir.resolve().relative_to(log_dir.resolve())) \
+            folder = str(run_dir.resolve().relative_to(log_dir.resolve())) \
                 if run_dir.resolve().is_relative_to(log_dir.resolve()) else run_dir.name
+            values = swept.current()  # a sweep job's: its name, and params from the start (a failed job has them)
             overrides = RunDir(run_dir).overrides  # what this run changed, as `runs` shows it
             tags = {"run_dir": str(run_dir.resolve()),
                     "overrides": " ".join(yaml.safe_load(overrides.read_text()) or []) if overrides.is_file() else "",
                     **{k: str(v) for k, v in tags.items()}}
-            run = client.create_run(experiment_id, run_name=name, tags=tags)
+            run = client.create_run(experiment_id, run_name=f"{swept.run_name(values)} ({folder})" if values
+                                    else folder, tags=tags)
+            client.log_batch(run.info.run_id, params=[Param(swept.hparam_name(k), v) for k, v in values])
         self.record.parent.mkdir(parents=True, exist_ok=True)
         write_json(self.record, {"tracking_uri": tracking_uri, "experiment_id": experiment_id,
                                  "run_id": run.info.run_id})

@@ -3,12 +3,14 @@ the config; fit; test the best checkpoint; write the weights, metrics.json and t
 
 from __future__ import annotations
 
+import io
 import logging
 import platform
 import shlex
 import signal
+import sys
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext, redirect_stderr
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +24,18 @@ from omegaconf import DictConfig, OmegaConf
 
 import fmnist_lab
 from fmnist_lab.artifacts import parameter_counts, save_weights
-from fmnist_lab.build import build, plain, quiet_libraries
+from fmnist_lab.build import build, plain
 from fmnist_lab.callbacks import FitTimer
 from fmnist_lab.checkpoint_callbacks import RunStamp, SignalRelay
 from fmnist_lab.config import ConfigError
 from fmnist_lab.data import CLASSES
+from fmnist_lab.logs import quiet_libraries
+from fmnist_lab.lr_find_plot import run_title, write_lr_find_png
 from fmnist_lab.models import Classifier
 from fmnist_lab.outcome import ArtifactError, interrupted, mark_interrupted
 from fmnist_lab.provenance import source_version, task, timestamp
-from fmnist_lab.report import pyplot
-from fmnist_lab.results import log_final, print_result, take_results
-from fmnist_lab.run_dir import RunDir, atomic_write, config_identity, write_json
+from fmnist_lab.results import log_failed, log_final, print_result, take_results
+from fmnist_lab.run_dir import RunDir, config_identity, write_json
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +133,7 @@ def train(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
         params = parameter_counts(model.net)
         log.info("parameters: {total:,} total, {trainable:,} trainable, {frozen:,} frozen".format(**params))
         context = {"started": timestamp(), "device": str(trainer.strategy.root_device), "git": source}
-        test, best = fit_and_test(run, trainer, model, datamodule, ckpt_path, context)
+        test, best = fit_and_test(cfg, run, trainer, model, datamodule, ckpt_path, context)
         stop_if_signalled(run, trainer, noted, context)
         metrics = run_metrics(cfg, run, trainer, model, test, {
             "train_seconds": timer.seconds, "best_checkpoint": run.relative(best), "params": params,
@@ -140,10 +143,12 @@ def train(cfg: DictConfig, resume: bool = False) -> dict[str, Any]:
         return write_results(cfg, run, trainer, model, metrics, lambda: stop_if_signalled(run, trainer, noted, context))
 
 
-def fit_and_test(run: RunDir, trainer: pl.Trainer, model: Classifier, datamodule: pl.LightningDataModule,
-                 ckpt_path: Path | None, context: dict[str, Any]) -> tuple[dict[str, float], str]:
+def fit_and_test(cfg: DictConfig, run: RunDir, trainer: pl.Trainer, model: Classifier,
+                 datamodule: pl.LightningDataModule, ckpt_path: Path | None, context: dict[str, Any]
+                 ) -> tuple[dict[str, float], str]:
     """Train, then test the best checkpoint: the test results and that checkpoint's path. A signal ends either
-    early ({} and "": the caller stops the run); any other error marks how far the run got, and goes on up."""
+    early ({} and "": the caller stops the run); any other error marks how far the run got, gives the loggers
+    the failed run's row (TensorBoard's HPARAMS, MLflow), and goes on up."""
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         best = next((c.best_model_path for c in trainer.checkpoint_callbacks if c.monitor), "")
@@ -157,6 +162,7 @@ def fit_and_test(run: RunDir, trainer: pl.Trainer, model: Classifier, datamodule
     except Exception:
         if trainer.is_global_zero:  # how far it got, for `fmnist_lab.runs`; the CLI adds the error
             run.update(epochs=trainer.current_epoch, global_step=trainer.global_step, **context)
+            log_failed(trainer, plain(cfg), run.read_metrics())
         raise
 
 
@@ -204,25 +210,25 @@ def write_results(cfg: DictConfig, run: RunDir, trainer: pl.Trainer, model: Clas
 
 def find_lr(cfg: DictConfig) -> dict[str, Any]:
     """tune=lr_find: Lightning's learning-rate range test on the run's model and data, instead of training. Writes
-    lr_find.png (loss against rate, the suggestion marked), lr_find.json and metrics.json into the run directory
-    and prints the suggested rate with the command that trains with it."""
+    lr_find.png (`lr_find_plot`: the loss against the rate, network and optimizer named, the suggestion marked),
+    lr_find.json (Lightning's results as recorded) and metrics.json into the run directory and prints the suggested
+    rate with the command that trains with it."""
     run = prepare_run(cfg)
     seed(cfg)
     # the finder trains throw-away steps: no checkpoints, curves or report of them
     datamodule, model, trainer = build(OmegaConf.merge(cfg, {"logger": None, "callbacks": None}))
     tune = cfg.tune
     started = timestamp()
-    finder = Tuner(trainer).lr_find(model, datamodule=datamodule, min_lr=tune.min_lr, max_lr=tune.max_lr,
-                                    num_training=tune.num_training, mode=tune.mode,
-                                    early_stop_threshold=tune.early_stop_threshold, update_attr=False)
+    # Lightning's finder always draws a tqdm bar on stderr: on a terminal it is live, in a pipe or log it is noise
+    with nullcontext() if sys.stderr.isatty() else redirect_stderr(io.StringIO()):
+        finder = Tuner(trainer).lr_find(model, datamodule=datamodule, min_lr=tune.min_lr, max_lr=tune.max_lr,
+                                        num_training=tune.num_training, mode=tune.mode,
+                                        early_stop_threshold=tune.early_stop_threshold, update_attr=False)
     if finder is None:  # Lightning skips it under fast_dev_run
         raise ConfigError("Invalid config: tune=lr_find does not run with debug=fast_dev_run; drop the debug option.")
     suggestion = finder.suggestion()
-    plt = pyplot()
-    figure = finder.plot(suggest=suggestion is not None, show=False)
-    figure.axes[0].set_title(f"suggested lr: {suggestion:.3g}" if suggestion else "no suggestion")
-    atomic_write(run.lr_find_png, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
-    plt.close(figure)
+    title = run_title(type(model.net).__name__, plain(cfg.model), plain(cfg.optimizer))
+    write_lr_find_png(run.lr_find_png, finder.results, suggestion, title)
     write_json(run.lr_find_json, {"suggestion": suggestion, **plain(tune), **finder.results})
     metrics = {"task": "lr_find", "lr_suggestion": suggestion, "steps": len(finder.results["lr"]), "seed": cfg.seed,
                "device": str(trainer.strategy.root_device), "started": started,

@@ -185,6 +185,9 @@ class OptunaSweeper(Sweeper):
 
         from fmnist_lab.sweep_objective import Objective
 
+        # Optuna's lines through Hydra's logging, which keeps library lines off the console (hydra.verbose shows them)
+        optuna.logging.disable_default_handler()
+        optuna.logging.enable_propagation()
         metric = self.config.get("optimized_metric", "val/acc_best")
         objective_of_study = Objective.of_search(metric, self.direction, self.directions)
         if objective_of_study.multi and isinstance(self.sampler, optuna.samplers.CmaEsSampler):
