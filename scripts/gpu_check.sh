@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU path in one command: the CUDA tests, a default run and a CUDA-graph run on the GPU, and the GPU bench,
-# summed up in one table. About 5 minutes on one H100.
+# The GPU path in one command: the CUDA tests, a default run, a CUDA-graph run and experiment=speedrun on the GPU,
+# and the GPU bench, summed up in one table. About 6 minutes on one H100.
 #   bash scripts/gpu_check.sh [data folder]
 # On a machine without Hydra (the lent GPU machine), put the wheels from shared/wheels/device in .whl/ first;
 # they are installed into /tmp/site for this script only.
@@ -30,6 +30,7 @@ if "$PY" -c "import pytest" 2>/dev/null; then
 fi
 step run timeout 180 "$PY" -m fmnist_lab device=gpu "hydra.run.dir=$OUT/run" "${DATA[@]}"
 step graphs timeout 180 "$PY" -m fmnist_lab device=gpu gpu.cuda_graphs=true "hydra.run.dir=$OUT/graphs" "${DATA[@]}"
+step speedrun timeout 300 "$PY" -m fmnist_lab experiment=speedrun device=gpu "hydra.run.dir=$OUT/speedrun" "${DATA[@]}"
 BENCH=(--device cuda --epochs 3 --rounds 1 --out "$OUT/bench.md"); [ -n "$ROOT" ] && BENCH+=(--root "$ROOT")
 step bench timeout 240 "$PY" scripts/bench.py "${BENCH[@]}"
 
@@ -38,7 +39,7 @@ import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 print(f"\nGPU: {(out / 'gpu.txt').read_text().strip()}\n\n| check | exit | seconds | result |\n|---|---|---|---|")
-for name in ("tests", "run", "graphs", "bench"):
+for name in ("tests", "run", "graphs", "speedrun", "bench"):
     status = out / f"{name}.status"
     if not status.is_file():
         print(f"| {name} | - | - | not run (no pytest here) |")
@@ -55,7 +56,7 @@ for name in ("tests", "run", "graphs", "bench"):
     print(f"| {name} | {code} | {seconds} | {result.replace('|', '/')[:300]} |")
 bench = out / "bench.md"
 print("\n" + (bench.read_text() if bench.is_file() else "bench: no table (see its log)"))
-for name in ("tests", "run", "graphs", "bench"):
+for name in ("tests", "run", "graphs", "speedrun", "bench"):
     status = out / f"{name}.status"
     if status.is_file() and status.read_text().split()[0] != "0":
         print(f"--- {name} (last lines) ---\n" + "\n".join((out / f"{name}.log").read_text().splitlines()[-25:]))

@@ -16,7 +16,7 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from conftest import compose_cfg
 from fmnist_lab.build import build
 from fmnist_lab.cli import config_dir
-from fmnist_lab.models import CNN, MLP
+from fmnist_lab.models import CNN, MLP, ResNet
 from fmnist_lab.tracking import MLflowLogger
 
 GROUPS = sorted(p.name for p in Path(config_dir()).iterdir() if p.is_dir())
@@ -29,11 +29,13 @@ def test_every_group_has_options():
     expected = {"optimizer": ["sgd", "adam", "adamw"], "scheduler": ["none", "cosine", "step"],
                 "logger": ["tensorboard", "csv", "mlflow", "none"], "callbacks": ["default", "none"],
                 "debug": ["fast_dev_run", "overfit", "limit"],
-                "experiment": ["seed_tutorial", "mlp_best", "cnn", "cnn_best"], "model": ["mlp", "cnn"]}
+                "experiment": ["seed_tutorial", "mlp_best", "cnn", "cnn_best", "speedrun"],
+                "model": ["mlp", "cnn", "resnet"]}
     assert {(g, o) for g, options in expected.items() for o in options} <= set(OPTIONS)
 
 
-def optimizer_and_scheduler(model) -> tuple[torch.optim.Optimizer, object]:
+def optimizers(model, trainer) -> tuple[torch.optim.Optimizer, object]:
+    model.trainer = trainer  # as Trainer.fit attaches it: the schedule spans the trainer's epochs
     config = model.configure_optimizers()
     if isinstance(config, torch.optim.Optimizer):
         return config, None
@@ -59,16 +61,20 @@ EFFECTS = {
     ("debug", "limit"): lambda cfg, dm, model, trainer: (trainer.limit_train_batches, trainer.max_epochs) == (0.05, 2),
     ("debug", "overfit"): lambda cfg, dm, model, trainer: trainer.overfit_batches == 4,
     ("experiment", "seed_tutorial"): lambda cfg, dm, model, trainer: (
-        type(optimizer_and_scheduler(model)[0]) is torch.optim.SGD and optimizer_and_scheduler(model)[1] is None
-        and optimizer_and_scheduler(model)[0].defaults["lr"] == 1e-3 and dm.batch_size == 64),
+        type(optimizers(model, trainer)[0]) is torch.optim.SGD and optimizers(model, trainer)[1] is None
+        and optimizers(model, trainer)[0].defaults["lr"] == 1e-3 and dm.batch_size == 64),
     ("experiment", "cnn"): lambda cfg, dm, model, trainer: (
         isinstance(model.net, CNN) and trainer.max_epochs == 10 and dm.augment.flip == 0.5
-        and isinstance(optimizer_and_scheduler(model)[1], torch.optim.lr_scheduler.CosineAnnealingLR)),
+        and isinstance(optimizers(model, trainer)[1], torch.optim.lr_scheduler.CosineAnnealingLR)),
     ("experiment", "cnn_best"): lambda cfg, dm, model, trainer: (
         isinstance(model.net, CNN) and trainer.max_epochs == 30 and dm.augment.crop_padding == 2
         and len(model.net.features[0]) == 2 * 3 + 1),  # two (conv, norm, ReLU) and the pooling
+    ("experiment", "speedrun"): lambda cfg, dm, model, trainer: (
+        isinstance(model.net, ResNet) and trainer.max_epochs == 14 and dm.batch_size == 64 and model.hparams.tta
+        and model.hparams.label_smoothing == 0.1 and model.hparams.warmup_epochs == 1
+        and any(type(c).__name__ == "EMA" for c in trainer.callbacks)),
     ("experiment", "mlp_best"): lambda cfg, dm, model, trainer: (
-        type(optimizer_and_scheduler(model)[0]) is torch.optim.AdamW and trainer.max_epochs == 40
+        type(optimizers(model, trainer)[0]) is torch.optim.AdamW and trainer.max_epochs == 40
         and sum(isinstance(m, torch.nn.BatchNorm1d) for m in model.net.layers) == 2 and dm.augment.flip == 0.5),
     ("hparams_search", "optuna"): lambda cfg, dm, model, trainer: sweeper("hparams_search=optuna") == (
         "hydra_plugins.fmnist_lab_optuna.OptunaSweeper"),
@@ -81,16 +87,17 @@ EFFECTS = {
     ("model", "cnn"): lambda cfg, dm, model, trainer: isinstance(model.net, CNN) and sum(
         p.numel() for p in model.net.parameters()) < 500_000,
     ("model", "mlp"): lambda cfg, dm, model, trainer: isinstance(model.net, MLP),
-    ("optimizer", "adam"): lambda cfg, dm, model, trainer: type(optimizer_and_scheduler(model)[0]) is torch.optim.Adam,
-    ("optimizer", "adamw"): lambda cfg, dm, model, trainer: type(optimizer_and_scheduler(model)[0]) is
+    ("model", "resnet"): lambda cfg, dm, model, trainer: isinstance(model.net, ResNet) and len(model.net.features) == 3,
+    ("optimizer", "adam"): lambda cfg, dm, model, trainer: type(optimizers(model, trainer)[0]) is torch.optim.Adam,
+    ("optimizer", "adamw"): lambda cfg, dm, model, trainer: type(optimizers(model, trainer)[0]) is
     torch.optim.AdamW,
-    ("optimizer", "sgd"): lambda cfg, dm, model, trainer: type(optimizer_and_scheduler(model)[0]) is torch.optim.SGD,
+    ("optimizer", "sgd"): lambda cfg, dm, model, trainer: type(optimizers(model, trainer)[0]) is torch.optim.SGD,
     ("paths", "default"): lambda cfg, dm, model, trainer: trainer.default_root_dir == cfg.paths.output_dir,
     ("scheduler", "cosine"): lambda cfg, dm, model, trainer: isinstance(
-        optimizer_and_scheduler(model)[1], torch.optim.lr_scheduler.CosineAnnealingLR),
-    ("scheduler", "none"): lambda cfg, dm, model, trainer: optimizer_and_scheduler(model)[1] is None,
+        optimizers(model, trainer)[1], torch.optim.lr_scheduler.CosineAnnealingLR),
+    ("scheduler", "none"): lambda cfg, dm, model, trainer: optimizers(model, trainer)[1] is None,
     ("scheduler", "step"): lambda cfg, dm, model, trainer: isinstance(
-        optimizer_and_scheduler(model)[1], torch.optim.lr_scheduler.StepLR),
+        optimizers(model, trainer)[1], torch.optim.lr_scheduler.StepLR),
     ("tune", "lr_find"): lambda cfg, dm, model, trainer: (cfg.tune.min_lr, cfg.tune.max_lr, cfg.tune.num_training) == (
         1e-6, 1.0, 100) and model.lr == cfg.lr,
     ("trainer", "ddp"): lambda cfg, dm, model, trainer: isinstance(trainer.strategy, DDPStrategy),
@@ -113,7 +120,7 @@ def test_short_keys_reach_the_groups(tmp_path):
     cfg = compose_cfg("epochs=3", "lr=0.2", "batch_size=32", "seed=0", "device=cpu", output_dir=tmp_path)
     datamodule, model, trainer = build(cfg)
     assert (datamodule.batch_size, datamodule.seed) == (32, 0)  # seed=0 is a seed, not "no seed"
-    assert model.configure_optimizers()["optimizer"].defaults["lr"] == 0.2
+    assert optimizers(model, trainer)[0].defaults["lr"] == 0.2
     assert trainer.max_epochs == 3 and trainer.accelerator.__class__.__name__ == "CPUAccelerator"
 
 

@@ -75,16 +75,21 @@ def test_ddp_run_started_by_lightning_writes_its_files_once(synthetic_root, tmp_
     directory; the config is saved once, and rank 1 has its own log. The network is the CNN (batch norm under
     DDP), and the report covers the whole test split although each rank tested a part of it. debug=limit's test
     fraction leaves each rank at least a batch: metrics.json says the run is a debug run over 2,000 test
-    images (0.2 of the split, shared by 2 ranks)."""
+    images (0.2 of the split, shared by 2 ranks). The training techniques work under DDP: the EMA of the
+    weights is what is tested and saved, cutmix and label smoothing train, test-time flips test."""
     run_cli(tmp_path, "trainer=ddp", "device=cpu", "debug=limit", f"data.root={synthetic_root}", "epochs=1",
             "logger=none", "model=cnn", "model.channels=[8,16]", "model.hidden=32", "trainer.limit_train_batches=30",
-            "~callbacks.onnx_export")
+            "~callbacks.onnx_export", "ema.decay=0.9", "mix.cutmix=0.5", "label_smoothing=0.1", "tta=true")
     run = only_run_dir(tmp_path)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test/acc"] > 0.5 and metrics["test/macro_f1"] > 0.5
     assert (metrics["task"], metrics["test_images"]) == ("debug", 2000)
     # evaluate scores all 10,000 test images with the saved weights: the run's report did the same
     assert evaluate(run, str(synthetic_root), "cpu")["test/per_class_acc"] == metrics["test/per_class_acc"]
+    best = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)
+    weights = torch.load(run / "model_weights.pth", weights_only=True)
+    assert all(torch.equal(best["state_dict"][f"net.{k}"], v) for k, v in weights.items())  # the average
+    assert not all(torch.equal(best["current_model_state"][f"net.{k}"], v) for k, v in weights.items())
     assert sorted(p.name for p in (run / ".hydra").iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
     assert [p.name for p in run.glob("*.log") if p.name != "fmnist_lab.log"] == ["train_ddp_process_1.log"]
 

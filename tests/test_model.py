@@ -216,8 +216,26 @@ def test_build_net_measures_any_registered_network_before_building_it():
         build_net({"_target_": "fmnist_lab.models.MLP", "in_features": 100}, "x.json")
 
 
+def test_the_resnet_pools_before_normalizing_and_skips_around_its_convolutions():
+    net = build_net({"_target_": "fmnist_lab.models.ResNet"}, "model").eval()
+    assert sum(p.numel() for p in net.parameters()) == 288_170  # conf/model/resnet.yaml says so
+    down = net.features[0].down
+    assert [type(m).__name__ for m in down] == ["Conv2d", "MaxPool2d", "BatchNorm2d", "ReLU"]
+    x = torch.rand(4, 1, 28, 28)
+    stage = net.features[1]
+    with torch.no_grad():
+        h = stage.down(net.features[0](x))
+        assert torch.allclose(stage(net.features[0](x)), h + stage.body(h))  # the skip connection
+        plain = build_net({"_target_": "fmnist_lab.models.ResNet", "residual": False}, "model").eval()
+        plain.load_state_dict(net.state_dict())
+        assert not torch.allclose(plain(x), net(x)) and net(x).shape == (4, 10)
+    with pytest.raises(UnknownNetworkError, match=r"model.convs=9 is not a network fmnist_lab builds"):
+        build_net({"_target_": "fmnist_lab.models.ResNet", "convs": 9}, "model")
+    assert "288,170 parameters" in (Path(__file__).resolve().parents[1] / "conf/model/resnet.yaml").read_text()
+
+
 def test_the_largest_recipes_are_well_within_the_size_caps():
-    for experiment in ("mlp_best", "cnn_best"):
+    for experiment in ("mlp_best", "cnn_best", "speedrun"):
         description = OmegaConf.to_container(compose_cfg(f"experiment={experiment}").model)
         assert isinstance(build_net(description, "model"), torch.nn.Module)
         assert build_net({**description, "num_classes": 1000}, "model") is not None

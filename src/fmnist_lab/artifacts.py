@@ -16,17 +16,18 @@ from torch import nn
 import fmnist_lab
 from fmnist_lab.data.idx import CLASSES
 from fmnist_lab.model_files import ModelFiles, read_model
-from fmnist_lab.models import build_net
+from fmnist_lab.models import build_net, shipped
 from fmnist_lab.predictor import check_classes
 from fmnist_lab.run_dir import BadFileError, RunDir, atomic_write, save_torch, write_json
 
 INPUT_DESCRIPTION = "float32 [N, 1, 28, 28]: grayscale pixels in [0, 1], light garment on black (as ToTensor gives)"
 
 
-def save_weights(net: nn.Module, net_config: dict, folder: Path, classes: Sequence[str]) -> Path:
-    """`model_weights.pth` (the state_dict, as in the PyTorch tutorial) + `model.json` (how to rebuild it)."""
+def save_weights(net: nn.Module, net_config: dict, folder: Path, classes: Sequence[str], tta: bool = False) -> Path:
+    """`model_weights.pth` (the state_dict, as in the PyTorch tutorial) + `model.json` (how to rebuild it, and
+    `tta`: whether the run tested it with test-time augmentation, which loading it then applies too)."""
     run = RunDir(folder)
-    write_json(run.model_json, {"net": net_config, "classes": list(classes), "input": INPUT_DESCRIPTION})
+    write_json(run.model_json, {"net": net_config, "classes": list(classes), "input": INPUT_DESCRIPTION, "tta": tta})
     return save_torch(net.state_dict(), run.weights)
 
 
@@ -50,7 +51,7 @@ def build_model(files: ModelFiles) -> nn.Module:
         cause = " ".join(str(err).split())[:300]
         raise BadFileError(f"{files.weights}: its weights do not fit the network that {files.described_by} "
                            f"describes ({cause}). Use the files a run wrote together.") from err
-    return net.eval()
+    return shipped(net, files.tta).eval()
 
 
 def load_classifier(path: str | Path) -> tuple[nn.Module, list[str]]:

@@ -22,6 +22,7 @@ from fmnist_lab.config import ConfigError
 from fmnist_lab.gpu_step import CudaGraphs
 from fmnist_lab.models import Classifier, UnknownNetworkError
 from fmnist_lab.run_dir import save_torch
+from fmnist_lab.techniques import averaging_callbacks
 from fmnist_lab.tensorboard_hparams import logger_folder
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,8 @@ def build(cfg: DictConfig, purge_from: int | None = None, *extra: pl.Callback
     try:
         model = Classifier(net=plain(cfg.model), optimizer=plain(cfg.optimizer),
                            scheduler=plain(cfg.scheduler) or None, num_classes=cfg.model.get("num_classes", 10),
-                           fused_optimizer=cfg.gpu.fused_optimizer)
+                           fused_optimizer=cfg.gpu.fused_optimizer, label_smoothing=cfg.label_smoothing,
+                           mix=plain(cfg.mix), warmup_epochs=cfg.warmup_epochs, tta=cfg.tta)
     except UnknownNetworkError as err:  # the network's own checks: arguments, sizes
         raise ConfigError(f"Invalid config: {err}") from err
     try:  # both need the network built, so they are checked here, still before any data is read
@@ -65,6 +67,7 @@ def build(cfg: DictConfig, purge_from: int | None = None, *extra: pl.Callback
     except ValueError as err:  # warm_start and freeze name the key themselves
         raise ConfigError(f"Invalid config: {err}") from err
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
+    callbacks += averaging_callbacks(cfg)
     callbacks += [CudaGraphs()] if cfg.gpu.cuda_graphs else []
     callbacks += extra
     purge = {"purge_step": purge_from} if purge_from is not None else {}  # SummaryWriter's: drops steps >= it

@@ -135,7 +135,7 @@ class OnnxExport(RunResults):
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        net = copy.deepcopy(pl_module.net).float().cpu().eval()
+        net = copy.deepcopy(pl_module.shipped()).float().cpu().eval()
         images = first_images(trainer.datamodule.test_dataloader(), 256)
         test_acc = trainer.callback_metrics.get("test/acc")
         export_onnx(net, self.path, {"test_acc": f"{float(test_acc):.4f}" if test_acc is not None else "unknown"},
@@ -172,7 +172,7 @@ class RunReport(RunResults):
         data, step = trainer.datamodule, trainer.global_step
         # Not data.test_dataloader(): under DDP that is this rank's shard, and the report is of every test image.
         loader = DeviceLoader(lambda: data.tensors("test"), data.eval_batch_size)
-        logits, labels, images = predict_split(pl_module.net, loader, pl_module.device)
+        logits, labels, images = predict_split(pl_module.shipped(), loader, pl_module.device)
 
         def warn(logger, err: Exception) -> None:
             log.warning(f"{type(logger).__name__} could not record the test report ({type(err).__name__}: {err}); "

@@ -19,6 +19,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from fmnist_lab.config import config_dir, register, untrusted_targets, validate
+from fmnist_lab.config_schema import with_defaults
 from fmnist_lab.logs import route_warnings
 from fmnist_lab.outcome import FAILED, JobFailed, ending, exit_code
 from fmnist_lab.run_dir import RunBusyError, RunDir, RunDirError, is_rank_zero
@@ -70,7 +71,7 @@ def do_job(cfg: DictConfig, run: RunDir, sweep_launcher: str | None) -> dict:
         if others:
             log.warning(f"resume uses the run's own config; ignoring {' '.join(others)}")
         # the checks that need no torch answer first: a finished, damaged or foreign run in a fraction of a second
-        config = run.load_config()
+        config = with_defaults(run.load_config())
         untrusted_targets(config, run.config)  # a run folder may come from elsewhere: it names no code
         if metrics := run.finished():
             acc = metrics.get("test/acc")

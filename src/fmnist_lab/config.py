@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from fmnist_lab.config_schema import TrainConfig
 from fmnist_lab.run_dir_resolvers import config_subdir, find_run, run_dir, unique_dir
 
 TRAIN_IMAGES, TEST_IMAGES = 60_000, 10_000
@@ -26,41 +26,6 @@ PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true",
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message says which key and how to fix it."""
-
-
-@dataclass
-class FinetuneConfig:
-    init_from: Any = None  # a run directory, .ckpt or .pth
-    strict: bool = True
-    freeze: Any = field(default_factory=list)  # Linear-layer indices or module names
-
-
-@dataclass
-class GpuConfig:
-    fused_optimizer: bool = True
-    cuda_graphs: bool = False
-
-
-@dataclass
-class TrainConfig:
-    device: str = "auto"
-    epochs: int = 10
-    lr: float = 0.05
-    batch_size: int = 128
-    seed: Any = 42  # an int, or null for an unseeded run
-    optimized_metric: Any = "val/acc_best"  # a metric of metrics.json, or a list (a multi-objective sweep)
-    resume: Any = None  # null, a run directory, or `latest`
-    finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig())
-    gpu: GpuConfig = field(default_factory=lambda: GpuConfig())
-    paths: Any = None
-    data: Any = None
-    model: Any = None
-    optimizer: Any = None
-    scheduler: Any = None
-    trainer: Any = None
-    logger: Any = None
-    callbacks: Any = None
-    tune: Any = None  # null, or the options of conf/tune/lr_find.yaml
 
 
 def config_dir() -> str:
@@ -155,7 +120,8 @@ def validate(cfg: DictConfig, sweep_launcher: str | None = None) -> None:
     check_devices(cfg)
     check_limits(cfg, processes(cfg.trainer) * cfg.trainer.get("num_nodes", 1))
     check_local_sweep(cfg.trainer, sweep_launcher)
-    check_augment(cfg.data)  # last: it needs torch, which the checks above answer without
+    check_augment(cfg.data)  # last: they need torch, which the checks above answer without
+    check_techniques(cfg)
 
 
 def check_resume(cfg: DictConfig) -> None:
@@ -289,5 +255,14 @@ def check_augment(data: DictConfig) -> None:
 
     try:
         Augment(**(data.get("augment") or {}))
+    except ValueError as err:
+        raise ConfigError(f"Invalid config: {err}") from err
+
+
+def check_techniques(cfg: DictConfig) -> None:
+    from fmnist_lab.techniques import check_techniques as check_settings
+
+    try:
+        check_settings(cfg)
     except ValueError as err:
         raise ConfigError(f"Invalid config: {err}") from err

@@ -81,6 +81,7 @@ class ModelFiles:
     described_by: str  # the file and key `net` comes from, for errors
     weights: Path  # the file the state_dict comes from
     classes: list[str] | None  # model.json's class names (a checkpoint has none)
+    tta: bool = False  # tested with test-time augmentation (fmnist_lab.models.FlipAverage)
 
 
 def read_model(path: str | Path) -> ModelFiles:
@@ -104,7 +105,8 @@ def read_model(path: str | Path) -> ModelFiles:
                                    "checkpoint that a run wrote (checkpoints/best.ckpt), its model_weights.pth, or "
                                    "the run directory.")
         state = {k.removeprefix("net."): v for k, v in state.items() if isinstance(k, str) and k.startswith("net.")}
-        return ModelFiles(net, check_state(state, path), f"{path} (key hyper_parameters.net)", path, None)
+        tta = check_tta(hyper.get("tta", False), f"{path} (key hyper_parameters.tta)")
+        return ModelFiles(net, check_state(state, path), f"{path} (key hyper_parameters.net)", path, None, tta)
     description = path.with_name("model.json")
     if not description.exists():  # exists, not is_file: a FIFO there is reported by read_json, without waiting
         raise FileNotFoundError(f"{path} is a bare state_dict; {description} must sit beside it to say which "
@@ -122,7 +124,16 @@ def read_model(path: str | Path) -> ModelFiles:
                            "mapping of `_target_` and arguments. Use the model.json that a run wrote with the weights, "
                            "or the run's checkpoints/best.ckpt.")
     classes = check_classes(entry.get("classes"), f"{description} (key classes)")  # their number: load_classifier
-    return ModelFiles(net, check_state(data, path), f"{description} (key net)", path, classes)
+    tta = check_tta(entry.get("tta", False), f"{description} (key tta)")
+    return ModelFiles(net, check_state(data, path), f"{description} (key net)", path, classes, tta)
+
+
+def check_tta(value: object, source: str) -> bool:
+    """`value` if it is true or false (what a run writes: whether it tested with test-time augmentation)."""
+    if not isinstance(value, bool):
+        raise BadFileError(f"{source} is {reprlib.repr(value)}, not true or false: it says whether the model is "
+                           "used with test-time augmentation. Use the files a run wrote.")
+    return value
 
 
 def check_state(state: dict, path: Path) -> dict[str, torch.Tensor]:

@@ -58,7 +58,9 @@ def logged_settings(config: dict[str, Any]) -> dict[str, Any]:
                   **{f"data/augment/{k}": v for k, v in (data.get("augment") or {}).items()},
                   **{f"trainer/{k}": trainer.get(k) for k in ("precision", "accumulate_grad_batches",
                                                                "gradient_clip_val")},
-                  "finetune/init_from": (config.get("finetune") or {}).get("init_from")})
+                  "finetune/init_from": (config.get("finetune") or {}).get("init_from"),
+                  **{k: config.get(k) for k in ("label_smoothing", "warmup_epochs", "tta")},
+                  **settings("ema"), **settings("swa"), **settings("mix")})
     return {k: "none" if v is None else v for k, v in knobs.items()}
 
 

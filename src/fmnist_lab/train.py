@@ -196,7 +196,7 @@ def write_results(cfg: DictConfig, run: RunDir, trainer: pl.Trainer, model: Clas
                   check_signals: Any) -> dict[str, Any]:
     """The tested weights, metrics.json (with what the RunResults callbacks add), the loggers' final record and
     the console's result; ArtifactError after all of it when a callback reports one (a failed ONNX check)."""
-    save_weights(model.net, model.hparams.net, run.path, CLASSES)  # the tested (best) weights
+    save_weights(model.net, model.hparams.net, run.path, CLASSES, model.hparams.tta)  # the tested (best) weights
     files, errors = take_results(trainer.callbacks, metrics, [run.metrics, run.model_json, run.config])
     run.write_metrics(metrics)
     check_signals()  # the last moment a signal can still undo "finished"

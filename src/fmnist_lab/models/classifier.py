@@ -15,6 +15,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from fmnist_lab.gpu_step import optimizer_options
 from fmnist_lab.models.registry import build_net
+from fmnist_lab.models.tta import shipped
+from fmnist_lab.techniques import BatchMix, with_warmup
 
 
 class Classifier(pl.LightningModule):
@@ -31,13 +33,17 @@ class Classifier(pl.LightningModule):
     """
 
     def __init__(self, net: dict, optimizer: dict, scheduler: dict | None = None, num_classes: int = 10,
-                 fused_optimizer: bool = True) -> None:
+                 fused_optimizer: bool = True, label_smoothing: float = 0.0, mix: dict | None = None,
+                 warmup_epochs: int = 0, tta: bool = False) -> None:
+        """`label_smoothing`, `mix`, `warmup_epochs` and `tta`: the techniques of fmnist_lab.techniques (all off
+        by default; checkpoints of runs without them load as before)."""
         super().__init__()
         self.save_hyperparameters(logger=False)  # the run logs the whole config once, with its results
         self.net = build_net(net, "model")  # registered architectures only: checkpoints are data
         # Where Lightning's learning-rate finder (Tuner.lr_find, the LearningRateFinder callback) puts the rate
         # it suggests; the optimizer is built with it.
         self.lr = optimizer.get("lr")
+        self.mix = BatchMix(**(mix or {}), num_classes=num_classes)
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
@@ -62,7 +68,9 @@ class Classifier(pl.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        loss = F.cross_entropy((self.train_forward or self.net)(x), y)
+        if self.mix:
+            x, y = self.mix(x, y)  # y becomes class probabilities
+        loss = F.cross_entropy((self.train_forward or self.net)(x), y, label_smoothing=self.hparams.label_smoothing)
         detached = loss.detach()
         self.loss_sum = detached if self.loss_sum is None else self.loss_sum + detached
         self.loss_batches += 1
@@ -94,15 +102,20 @@ class Classifier(pl.LightningModule):
         for logger in self.loggers:
             logger.log_metrics({"train/loss": value}, step=self.global_step)
 
-    def update_metrics(self, batch, acc: MulticlassAccuracy, loss: MeanMetric) -> None:
+    def shipped(self) -> torch.nn.Module:
+        """The network as the run tests it and ships it (model_weights.pth, model.onnx): with `tta`, the mean of
+        each image's and its mirror's logits."""
+        return shipped(self.net, self.hparams.tta)
+
+    def update_metrics(self, batch, acc: MulticlassAccuracy, loss: MeanMetric, net: torch.nn.Module) -> None:
         """Add a validation or test batch to the running `acc` and `loss`, computed and reset at the epoch end."""
         x, y = batch
-        logits = self.net(x)
+        logits = net(x)
         loss.update(F.cross_entropy(logits, y), weight=len(y))
         acc.update(logits, y)
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self.update_metrics(batch, self.val_acc, self.val_loss)
+        self.update_metrics(batch, self.val_acc, self.val_loss, self.net)
 
     def on_validation_epoch_end(self) -> None:
         acc = self.val_acc.compute()
@@ -114,7 +127,7 @@ class Classifier(pl.LightningModule):
             metric.reset()
 
     def test_step(self, batch, batch_idx: int) -> None:
-        self.update_metrics(batch, self.test_acc, self.test_loss)
+        self.update_metrics(batch, self.test_acc, self.test_loss, self.shipped())
         self.test_images.update(len(batch[1]))
 
     def on_test_epoch_end(self) -> None:
@@ -152,7 +165,8 @@ class Classifier(pl.LightningModule):
         make = instantiate(self.hparams.optimizer)
         rate = {"lr": self.lr} if self.lr is not None else {}
         optimizer = make(params=params, **rate, **optimizer_options(make, self.device, self.hparams.fused_optimizer))
-        if not self.hparams.scheduler:
+        schedule = instantiate(self.hparams.scheduler) if self.hparams.scheduler else None
+        scheduler = with_warmup(optimizer, schedule, self.hparams.warmup_epochs, lambda: self.trainer.max_epochs)
+        if scheduler is None:
             return optimizer
-        scheduler = instantiate(self.hparams.scheduler)(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
