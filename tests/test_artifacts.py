@@ -16,7 +16,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 from PIL import Image
+from tensorboard.plugins.hparams import api_pb2
 
 from conftest import compose_cfg, run_cli
 from fmnist_lab import load_model
@@ -28,6 +30,7 @@ from fmnist_lab.model_files import UnsafeFileError
 from fmnist_lab.models import CNN, MLP, Classifier, UnknownNetworkError, register
 from fmnist_lab.predict import main as predict_main
 from fmnist_lab.train import train
+from test_tracking import hparams_entry
 
 NET = {"_target_": "fmnist_lab.models.MLP", "hidden": [32]}
 SGD = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.05, "momentum": 0.9}
@@ -98,6 +101,24 @@ def test_strict_verification_failure_fails_the_run_after_writing_metrics(synthet
     with pytest.warns(UserWarning, match="ONNX verification failed"):
         lenient = train(compose_cfg(*common, "callbacks.onnx_export.strict=false", output_dir=tmp_path / "lenient"))
     assert lenient["onnx"]["ok"] is False and lenient["onnx"]["checker"] is True
+
+
+def test_a_run_failed_by_its_export_check_is_failed_in_every_logger(synthetic_root, tmp_path):
+    """Exit 1 and status failed in metrics.json, and so in MLflow (read back through MlflowClient) and in
+    TensorBoard's HPARAMS row; MLflow's final numbers sit at the run's last step, beside its curves."""
+    result = run_cli(tmp_path, f"data.root={synthetic_root}", "device=cpu", "debug=limit", "epochs=1",
+                     "logger=[tensorboard,mlflow]", "callbacks.onnx_export.atol=-1", check=False)
+    assert result.returncode == 1 and "ONNX verification failed" in result.stderr
+    (run,) = (tmp_path / "outputs").glob("20*/*")  # outputs/<date>/<time>; outputs/ also holds MLflow's files
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and metrics["global_step"] not in (0, metrics["epochs"])
+    client = MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    (tracked,) = client.search_runs([client.get_experiment_by_name("fmnist_lab").experiment_id])
+    assert tracked.info.status == "FAILED"
+    steps = {m.step for m in client.get_metric_history(tracked.info.run_id, "test/acc")}  # the test's and the final's
+    assert steps == {metrics["global_step"]}
+    (folder,) = {p.parent for p in (run / "tensorboard").rglob("events.out.tfevents.*")}
+    assert hparams_entry(folder)[2].status == api_pb2.STATUS_FAILURE
 
 
 def test_load_model_from_weights_checkpoint_and_refuses_pickles(tiny_trained, tmp_path):

@@ -248,6 +248,31 @@ def test_augmentation_changes_training_batches_and_never_validation_or_test(synt
     assert changed > 0.7  # unchanged only where no crop shift, flip or erasing was drawn
 
 
+@pytest.mark.parametrize("backend", ["device", "dataloader"])
+@pytest.mark.parametrize("option", ["crop_padding", "flip", "erase"])
+def test_each_augmentation_option_does_what_it_says_on_either_backend(synthetic_root, backend, option):
+    """One option alone, on a real training batch of the data module: crops shift images by up to the padding
+    (and really move them), flips mirror them, erasing blanks one rectangle of each."""
+    value = {"crop_padding": 2, "flip": 1.0, "erase": 1.0}[option]
+    plain = FashionMNISTDataModule(root=str(synthetic_root), backend=backend, seed=3)
+    augmented = FashionMNISTDataModule(root=str(synthetic_root), backend=backend, seed=3, augment={option: value})
+    torch.manual_seed(0)
+    (a, _), (b, _) = first_batch(plain, "train"), first_batch(augmented, "train")
+    a, b = a.float(), b.float()
+    if option == "flip":
+        assert torch.equal(b, a.flip(-1))
+    elif option == "crop_padding":
+        padded = torch.nn.functional.pad(a, (2, 2, 2, 2))
+        windows = [padded[:, :, dy:dy + 28, dx:dx + 28] for dy in range(5) for dx in range(5)]
+        found = torch.stack([(b == w).flatten(1).all(1) for w in windows], 1)
+        assert found.any(1).all()  # each image is one window of the padded original
+        assert (b != a).flatten(1).any(1).float().mean() > 0.8  # and most were moved: 24 of 25 windows shift
+    else:
+        changed = (b != a)[:, 0]
+        box = changed.any(2)[:, :, None] & changed.any(1)[:, None, :]  # the rectangle around what changed
+        assert (b[:, 0][box] == 0).all() and changed.flatten(1).any(1).float().mean() > 0.9
+
+
 def test_device_augmentation_does_what_each_option_says():
     x = torch.rand(64, 1, 28, 28)
     torch.manual_seed(0)

@@ -75,6 +75,15 @@ def test_ece_of_calibrated_extremes_and_of_logits_inside_0_1():
     assert summarize(logits, labels, CLASSES)["test/ece"] == pytest.approx(0.5 - confidence, abs=1e-5)
 
 
+def test_ece_is_over_15_equal_bins_as_documented():
+    """Confidences 0.62 and 0.68 fall into one bin of a 10-bin ECE (0.6-0.7) but into two of the documented 15
+    (the boundary 10/15 = 0.667 lies between them): 0.22 by hand, where 10 bins would give 0.10."""
+    rows = [[0.62, 0.19, 0.19]] * 2 + [[0.68, 0.16, 0.16]] * 2
+    labels = torch.tensor([0, 1, 0, 0])  # 0.62: one right of two; 0.68: both right
+    ece = summarize(logits_of(rows), labels, ABC)["test/ece"]
+    assert ece == pytest.approx(0.5 * abs(0.5 - 0.62) + 0.5 * abs(1.0 - 0.68), abs=1e-5)
+
+
 def test_per_class_table_lists_accuracy_and_image_count():
     summary = summarize(5.0 * F.one_hot(torch.tensor([0, 0, 1, 1, 2, 2]), 3).float(), torch.tensor([0, 0, 0, 1, 1, 2]),
                         ABC)

@@ -112,6 +112,16 @@ def test_runs_filters_sorts_limits_and_writes_csv(tree):
         assert (float(line["test/acc"]) if line["test/acc"] else None) == row["test/acc"]
 
 
+def test_runs_group_std_is_the_sample_standard_deviation(tmp_path, capsys):
+    """Three seeds scoring 0.90, 0.92 and 0.97: the table gives the sample std (n - 1), 0.0361; dividing by n
+    would give 0.0294."""
+    for seed, acc in ((0, 0.90), (1, 0.92), (2, 0.97)):
+        write_run(tmp_path / "outputs" / f"seed{seed}", {**FINISHED, "test/acc": acc, "seed": seed},
+                  config=CONFIG.replace("seed: 1", f"seed: {seed}"), overrides=f"- seed={seed}\n")
+    text = in_process(capsys, "--group", str(tmp_path / "outputs"))
+    assert f"0.9300 ± {statistics.stdev([0.90, 0.92, 0.97]):.4f}" in text and "0.9300 ± 0.0361" in text
+
+
 @pytest.mark.slow
 def test_runs_group_gives_the_mean_and_std_over_seeds(tree):
     groups = rows_of(tree, "--group")

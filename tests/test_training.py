@@ -11,8 +11,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from conftest import compose_cfg
+from fmnist_lab.build import build
 from fmnist_lab.callbacks import RunResults
 from fmnist_lab.data import DeviceLoader, FashionMNISTDataModule
 from fmnist_lab.gpu_step import CudaGraphs
@@ -71,6 +73,52 @@ def test_gradient_clipping_is_lightnings(synthetic_root):
         torch.nn.utils.clip_grad_norm_(net.parameters(), 0.05)
         optimizer.step()
     assert_same_weights(model.net, net, atol=1e-6)
+
+
+class StepGradientNorms(pl.Callback):
+    """The total norm of the gradients each optimizer step uses: read as the step starts, after clipping."""
+
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        def record(optimizer, args, kwargs) -> None:
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            self.norms.append(float(torch.nn.utils.get_total_norm(grads)))
+
+        trainer.optimizers[0].register_step_pre_hook(record)
+
+
+@pytest.mark.parametrize("clip", [0.01, None])
+def test_gradient_clipping_from_the_config_bounds_every_step(synthetic_root, tmp_path, clip):
+    """trainer.gradient_clip_val as a user sets it on the command line reaches the Trainer: every step's
+    gradients have at most that norm; without it the same steps' gradients are larger."""
+    cfg = compose_cfg("device=cpu", "epochs=1", "logger=none", "callbacks=none", f"data.root={synthetic_root}",
+                      "trainer.limit_train_batches=10", "trainer.limit_val_batches=0",
+                      f"trainer.gradient_clip_val={'null' if clip is None else clip}", output_dir=tmp_path)
+    norms = StepGradientNorms()
+    datamodule, model, trainer = build(cfg, None, norms)
+    trainer.fit(model, datamodule=datamodule)
+    assert len(norms.norms) == 10
+    if clip is None:
+        assert max(norms.norms) > 0.05  # so the clipped run's bound is the clipping's doing
+    else:
+        assert max(norms.norms) <= clip * (1 + 1e-4)
+
+
+def test_every_trainer_key_of_the_config_reaches_the_trainer(tmp_path):
+    """conf/trainer/ passes its keys to lightning.pytorch.Trainer: each, set away from its default, is what the
+    built Trainer has."""
+    values = {"max_epochs": 3, "log_every_n_steps": 7, "check_val_every_n_epoch": 2, "gradient_clip_val": 0.5,
+              "gradient_clip_algorithm": "value", "accumulate_grad_batches": 3, "limit_train_batches": 11,
+              "limit_val_batches": 0.5, "limit_test_batches": 4, "overfit_batches": 0.0, "precision": "bf16-mixed"}
+    cfg = compose_cfg("device=cpu", *(f"trainer.{k}={v}" for k, v in values.items()), output_dir=tmp_path)
+    _, _, trainer = build(cfg)
+    built = {k: getattr(trainer, k) for k in values}
+    built["gradient_clip_algorithm"] = str(built["gradient_clip_algorithm"].value)
+    assert built == values
+    assert set(OmegaConf.to_container(cfg.trainer)) - {"_target_", "accelerator", "devices", "default_root_dir",
+                                                       "deterministic", "fast_dev_run"} == set(values)
 
 
 def test_gradient_accumulation_is_lightnings(synthetic_root):
