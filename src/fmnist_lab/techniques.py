@@ -174,5 +174,6 @@ def check_techniques(cfg: DictConfig) -> None:
     warmup = cfg.warmup_epochs
     if not (isinstance(warmup, int) and 0 <= warmup < cfg.epochs):
         raise ValueError(f"warmup_epochs={warmup!r} is not valid: the learning rate grows for this many of the run's "
-                         f"{cfg.epochs} epochs, a whole number from 0 (off) to {cfg.epochs - 1}.")
+                         f"{cfg.epochs} epochs and the scheduler needs at least one after them, so give a whole "
+                         f"number below {cfg.epochs} (0: no warmup), or more epochs.")
     BatchMix(**cfg.mix)
